@@ -1,0 +1,250 @@
+"""FID and Inception Score with the TensorFlow 2015-12-05 Inception: pytorch-fid's numbers, in plain torch.
+
+    python fid.py samples/ data/real/                  # FID of two folders (or .npz files with mu, sigma)
+    python fid.py data/real/ real_stats.npz --save-stats
+    python fid.py samples/ --is                         # Inception Score of a folder
+    from fid import evaluate; evaluate(sample_batches, real_loader, n=10000, cache="cifar10_train_32_10000.npz")
+Follows mseitzer/pytorch-fid (network, weights, preprocessing) and openai/improved-gan (Inception Score)."""
+import argparse
+import os
+import sys
+import warnings
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.models.inception as tvi
+from tqdm import tqdm
+
+FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                   "pt_inception-2015-12-05-6726825d.pth")
+IMAGE_EXTENSIONS = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}
+
+# ----------------------------------------------------------------------------- network
+# The 2015 TF graph differs from torchvision's Inception3 only in the pool branch of the mixed
+# blocks: TF's average pool ignores the zero padding, and the last block (Mixed_7c) max-pools.
+avg_pool = nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)
+
+
+class FIDInceptionA(tvi.InceptionA):
+    def forward(self, x):
+        b5 = self.branch5x5_2(self.branch5x5_1(x))
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return torch.cat([self.branch1x1(x), b5, b3, self.branch_pool(avg_pool(x))], 1)
+
+
+class FIDInceptionC(tvi.InceptionC):
+    def forward(self, x):
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        bd = self.branch7x7dbl_5(self.branch7x7dbl_4(self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))))
+        return torch.cat([self.branch1x1(x), b7, bd, self.branch_pool(avg_pool(x))], 1)
+
+
+class FIDInceptionE(tvi.InceptionE):
+    pool = avg_pool  # Mixed_7c: a max pool (no parameters, so the state_dict keys stay torchvision's)
+
+    def forward(self, x):
+        b3 = self.branch3x3_1(x)
+        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
+        bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1)
+        return torch.cat([self.branch1x1(x), b3, bd, self.branch_pool(self.pool(x))], 1)
+
+
+class FIDInception(tvi.Inception3):
+    """forward(images [N, 1 or 3, H, W] in [0, 1] or uint8) -> (pool3 features [N, 2048], logits [N, 1008])."""
+
+    def __init__(self):
+        super().__init__(num_classes=1008, aux_logits=False, init_weights=False)
+        A, C, E = FIDInceptionA, FIDInceptionC, FIDInceptionE  # same arguments as torchvision's blocks
+        blocks = {"5b": A(192, 32), "5c": A(256, 64), "5d": A(288, 64), "6b": C(768, 128), "6c": C(768, 160),
+                  "6d": C(768, 160), "6e": C(768, 192), "7b": E(1280), "7c": E(2048)}
+        for name, block in blocks.items():
+            setattr(self, "Mixed_" + name, block)
+        self.Mixed_7c.pool = nn.MaxPool2d(3, stride=1, padding=1)
+
+    def forward(self, x):
+        x = x.float() / 255 if x.dtype == torch.uint8 else x
+        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x  # grayscale: as PIL's convert("RGB")
+        if x.min() < -1e-3 or x.max() > 1 + 1e-3:  # e.g. images in [-1, 1]: refuse rather than a wrong FID
+            raise ValueError(f"images must be in [0, 1] or uint8, got values in [{x.min():.3g}, {x.max():.3g}]")
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        x = 2 * x - 1  # [0, 1] -> [-1, 1], the input range of the TF graph
+        for module in list(self.children())[:-2]:  # registration order: stem, Mixed_5b..7c, avgpool (not dropout, fc)
+            x = module(x)
+        return x.flatten(1), self.fc(x.flatten(1))
+
+
+def inception_v3(weights="download"):
+    """The FID Inception in eval mode; weights: "download" (cached by torch.hub), a path, a state_dict, None."""
+    net = FIDInception()
+    if weights == "download":
+        try:
+            weights = torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, map_location="cpu", weights_only=True)
+        except OSError as e:  # offline: say which file goes where
+            raise RuntimeError(f"cannot download {FID_WEIGHTS_URL} ({e}); put it into "
+                               f"{os.path.join(torch.hub.get_dir(), 'checkpoints')} or pass its path") from e
+    if weights is not None:
+        net.load_state_dict(weights if isinstance(weights, dict) else torch.load(weights, "cpu", weights_only=True))
+    return net.eval().requires_grad_(False)  # load_state_dict is strict: every key and shape must match
+
+
+# ----------------------------------------------------------------------------- statistics
+def _rank():  # -1 without torch.distributed
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else -1
+
+
+def _all_reduce(*tensors):  # sums over all ranks (gloo on the CPU, NCCL on CUDA); as they are without a group
+    if _rank() >= 0:
+        tensors = [t.to("cuda" if torch.distributed.get_backend() == "nccl" else "cpu") for t in tensors]
+        for t in tensors:
+            torch.distributed.all_reduce(t)
+    return [t.cpu() for t in tensors]
+
+
+@torch.no_grad()
+def features(images, model, n=None, batch_size=50, device="cpu", desc="inception"):
+    """Yield (features [b, 2048] float64, logits [b, 1008]) of the first n images (all if None) of a tensor [N, C, H, W]
+    or an iterable of such batches or of (images, labels); draws only the batches needed; too few -> ValueError."""
+    model.eval()
+    seen = 0
+    with tqdm(total=n, desc=desc, unit="img", disable=_rank() > 0) as bar:
+        for batch in [images] if torch.is_tensor(images) else images:
+            batch = batch[0] if isinstance(batch, (tuple, list)) else batch
+            for x in batch[:None if n is None else n - seen].split(batch_size):
+                f, logits = model(x.to(device))
+                seen += len(x)
+                bar.update(len(x))
+                yield f.cpu().double(), logits.cpu()
+            if seen == n:
+                return
+    if n is not None and seen < n:
+        raise ValueError(f"only {seen} images available, {n} requested")
+
+
+def statistics(images, model, n=None, batch_size=50, device="cpu", desc="inception", keep_logits=False):
+    """(mu, sigma, logits or None) from float64 sums: mu = S1/N, sigma = (S2 - N mu mu^T)/(N-1), as np.cov.
+    Distributed: each rank passes its share; the sums are all-reduced, the logits gathered in rank order."""
+    s0, s1, s2 = (torch.zeros(shape, dtype=torch.float64) for shape in (1, 2048, (2048, 2048)))
+    kept = [torch.zeros(0, 1008)]
+    for f, logits in features(images, model, n, batch_size, device, desc):
+        s0, s1, s2 = s0 + len(f), s1 + f.sum(0), s2 + f.T @ f
+        kept += [logits - model.fc.bias.cpu()] if keep_logits else []  # IS: pool3 @ W, no bias, as OpenAI's
+    s0, s1, s2 = _all_reduce(s0, s1, s2)
+    logits = torch.cat(kept) if keep_logits else None
+    if keep_logits and _rank() >= 0:  # gather in rank order
+        torch.distributed.all_gather_object(parts := [None] * torch.distributed.get_world_size(), logits.numpy())
+        logits = torch.from_numpy(np.concatenate(parts))
+    if (count := int(s0.item())) < 2:
+        raise ValueError(f"need at least 2 images for a covariance, got {count}")
+    if count < 2048 and _rank() <= 0:  # same text from the same line: Python shows it once
+        warnings.warn("FID/IS of fewer than 2048 images is biased, not comparable with published numbers")
+    mu = s1 / count
+    return mu.numpy(), ((s2 - count * torch.outer(mu, mu)) / (count - 1)).numpy(), logits
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)) >= 0. Tr sqrtm(S1 S2) = Tr sqrtm(A S2 A), A = S1^(1/2):
+    same eigenvalues, and A S2 A is symmetric PSD, so eigh gives them real, also for singular covariances."""
+    mu1, mu2, s1, s2 = (np.asarray(x, dtype=np.float64) for x in (mu1, mu2, sigma1, sigma2))
+    if not (mu1.shape == mu2.shape and s1.shape == s2.shape == mu1.shape * 2 and np.isfinite(s1 + s2).all()):
+        raise ValueError(f"statistics must be finite with matching shapes, got {mu1.shape} {s1.shape} {s2.shape}")
+    w, v = np.linalg.eigh(s1)  # eigh/eigvalsh read one triangle: symmetric by construction
+    a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # clip: rounding makes zero eigenvalues slightly negative
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(a @ s2 @ a), 0, None)).sum()
+    return float(max(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean, 0.0))
+
+
+def inception_score(logits, splits=10):
+    """(mean, std) over `splits` consecutive parts of exp(E_x KL(p(y|x) || p(y))), p(y|x) = softmax(logits);
+    as openai/improved-gan: all 1008 classes, parts in the given order (no shuffle)."""
+    p = torch.as_tensor(logits, dtype=torch.float64).softmax(1)
+    if len(p) < splits:
+        raise ValueError(f"the Inception Score needs at least {splits} images, got {len(p)}")
+    parts = [p[k * len(p) // splits:(k + 1) * len(p) // splits] for k in range(splits)]
+    xlogy = torch.special.xlogy  # x log y with 0 log 0 = 0; KL = sum_y p log p - p log p(y)
+    scores = [(xlogy(q, q) - xlogy(q, q.mean(0))).sum(1).mean().exp().item() for q in parts]
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+_inception_score = inception_score  # evaluate's flag of the same name hides it there
+
+
+def evaluate(fake, real, n, *, cache=None, inception_score=False, weights="download",
+             device="cpu", batch_size=50) -> dict:
+    """FID (and IS) of the first n images of `fake` against the first n of `real` (see features()); real statistics
+    read from / written to the .npz `cache` (mu, sigma, n). Distributed: each rank passes its shares, n = their size."""
+    model = inception_v3(weights).to(device)
+    mu1, sigma1, logits = statistics(fake, model, n, batch_size, device, "FID fake", inception_score)
+    total = int(_all_reduce(torch.tensor([float(n)], dtype=torch.float64))[0].item())
+    if cache is not None and os.path.exists(cache):
+        with np.load(cache) as f:
+            mu2, sigma2 = f["mu"], f["sigma"]
+            if "n" in f and int(f["n"]) != total:
+                raise ValueError(f"{cache} holds the statistics of {int(f['n'])} images, not {total}")
+    else:
+        mu2, sigma2, _ = statistics(real, model, n, batch_size, device, "FID real")
+        if cache is not None and _rank() <= 0:
+            os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
+            with open(cache + ".tmp", "wb") as fh:  # temporary file + os.replace: never a broken cache
+                np.savez(fh, mu=mu2, sigma=sigma2, n=total)
+            os.replace(cache + ".tmp", cache)
+    is_mean, is_std = _inception_score(logits) if inception_score else (None, None)
+    return {"fid": frechet_distance(mu1, sigma1, mu2, sigma2), "inception_score_mean": is_mean,
+            "inception_score_std": is_std, "n": total}
+
+
+# ----------------------------------------------------------------------------- command line
+def die(msg):
+    print(f"fid.py: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def read_images(files, batch_size):
+    """Batches read as pytorch-fid does (PIL, RGB, x / 255), resized one by one as forward() would: sizes may mix."""
+    from PIL import Image  # comes with torchvision; only the command line reads files
+    from torchvision.transforms.functional import pil_to_tensor
+    for i in range(0, len(files), batch_size):
+        yield torch.cat([F.interpolate(pil_to_tensor(Image.open(f).convert("RGB"))[None] / 255, size=(299, 299),
+                                       mode="bilinear", align_corners=False) for f in files[i:i + batch_size]])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="FID of two image folders or .npz files, as pytorch-fid; IS with --is.")
+    p.add_argument("path", nargs="+", help="PATH_A PATH_B: image folders (recursive) or .npz files with mu, sigma")
+    p.add_argument("--save-stats", action="store_true", help="write mu, sigma, n of folder PATH_A to PATH_B (.npz)")
+    p.add_argument("--batch-size", type=int, default=50, help="images per forward pass (default 50)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, mps or cpu")
+    p.add_argument("--weights", default="download", type=lambda w: None if w == "none" else w,
+                   help="'download' (once, cached by torch.hub), a local .pth path, or 'none' (random weights, tests)")
+    p.add_argument("--is", dest="inception_score", action="store_true", help="Inception Score of folder PATH_A")
+    a = p.parse_args(argv)
+    try:
+        if not (1 if a.inception_score and not a.save_stats else 2) <= len(a.path) <= 2 or a.batch_size < 1:
+            die(f"expected PATH_A PATH_B (or a folder with --is) and --batch-size >= 1, got {a.path} {a.batch_size}")
+        inputs = []  # per path: its image files (a list), or the (mu, sigma) of an .npz file
+        for i, path in enumerate(a.path[:1] if a.save_stats else a.path):
+            files = sorted(os.path.join(d, f) for d, _, names in os.walk(path) for f in names
+                           if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+            folder_only = i == 0 and (a.save_stats or a.inception_score)
+            if not files and (folder_only or not (path.endswith(".npz") and os.path.isfile(path))):
+                die(f"{path}: not a folder with images{'' if folder_only else ' nor an .npz file'}")
+            inputs.append(files or tuple(np.load(path)[key] for key in ("mu", "sigma")))
+        model = inception_v3(a.weights).to(a.device) if any(isinstance(x, list) for x in inputs) else None
+        stats = [statistics(read_images(x, a.batch_size), model, None, a.batch_size, a.device, a.path[i],
+                            a.inception_score and i == 0) if isinstance(x, list) else x for i, x in enumerate(inputs)]
+        if a.save_stats:
+            np.savez(a.path[1], mu=stats[0][0], sigma=stats[0][1], n=len(inputs[0]))
+            return print(f"saved the statistics of {len(inputs[0])} images to {a.path[1]}")
+        if a.inception_score:
+            print("IS: {:.6g} +- {:.6g}".format(*_inception_score(stats[0][2])))
+        if len(stats) == 2:
+            print(f"FID: {frechet_distance(stats[0][0], stats[0][1], stats[1][0], stats[1][1])}")
+    except (ValueError, KeyError, RuntimeError, OSError) as e:  # too few images, bad image/.npz/weights file
+        die(str(e).splitlines()[0])
+
+
+if __name__ == "__main__":
+    main()
