@@ -81,8 +81,6 @@ def get_args(argv=None):
     g.add_argument("--clip-scale", type=float, default=2.0, help="CLIP guidance scale (seed: 2.0)")
     g.add_argument("--clip-steps", type=int, default=5, help="CLIP gradient steps per timestep")
     g.add_argument("--clip-lr", type=float, default=0.15, help="CLIP gradient step size")
-    g.add_argument("--clip-model", default="ViT-B-32", help="open_clip model name")
-    g.add_argument("--clip-pretrained", default="openai", help="open_clip weights tag")
     g = p.add_argument_group("system")
     g.add_argument("--out-dir", default="out/mnist_ddpm", help="where everything is written")
     g.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
@@ -143,8 +141,6 @@ def batches(n, batch_size, seed, rank, world, start_step):
     """Index batches forever, epoch after epoch; the same seed and step give the same batch."""
     sampler = DistributedSampler(range(n), world, rank, shuffle=True, seed=seed, drop_last=True)
     per_epoch = len(sampler) // batch_size
-    if per_epoch == 0:
-        die(f"--batch-size {batch_size} is larger than the data set ({len(sampler)} images per device)")
     epoch, skip = divmod(start_step, per_epoch)
     while True:
         sampler.set_epoch(epoch)
@@ -359,15 +355,16 @@ def clip_guide(encode_image, encode_text, prompt, scale, steps, lr):
     return guide
 
 
-def load_clip(args, device):
-    """open_clip encoders for MNIST images in [-1, 1]: upsampled to 224, grey to RGB, CLIP-normalised."""
+def load_clip(device):
+    """The seed's CLIP ViT-B/32 (open_clip) encoders; images in [-1, 1] are upsampled to 224, grey to
+    RGB and CLIP-normalised."""
     try:
         import open_clip
     except ImportError:
         die("--clip-prompt needs open_clip: pip install open_clip_torch")
-    model, _, _ = open_clip.create_model_and_transforms(args.clip_model, pretrained=args.clip_pretrained)
+    model = open_clip.create_model_and_transforms("ViT-B-32", pretrained="openai")[0]
     model = model.to(device).eval().requires_grad_(False)
-    tokenizer = open_clip.get_tokenizer(args.clip_model)
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
     mean = torch.tensor([0.4815, 0.4578, 0.4082], device=device).view(1, 3, 1, 1)
     std = torch.tensor([0.2686, 0.2613, 0.2758], device=device).view(1, 3, 1, 1)
 
@@ -436,9 +433,8 @@ def update_ema(ema, model, decay):
 
 def save_checkpoint(path, state):
     """Write to a temporary file in the same folder, then rename: a crash never leaves a broken file."""
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    torch.save(state, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
 
 
 def load_checkpoint(path, device):
@@ -461,18 +457,22 @@ def load_weights(module, state, path):
         die(f"checkpoint {path} does not match this model (check --width, --depth, --uncond)")
 
 
+def make_alphas_cumprod(cfg, device):
+    return torch.cumprod(1 - make_betas(cfg["schedule"], cfg["steps"]), 0).float().to(device)
+
+
 def run_fid(args, model, alphas_cumprod, n_classes, rank, world):
     """FID of args.fid class-balanced samples against the MNIST test set; each rank makes its share."""
     import fid  # only here, so this file runs without fid.py
     images, _, _ = get_data(args, train=False)
     mine = list(range(rank, args.fid, world))
-    real = (images[mine[i:i + 250]].float() / 255 for i in range(0, len(mine), 250))
-    fake = ((generate(model, alphas_cumprod, [j % max(n_classes, 1) for j in mine[i:i + 250]], args,
-                      n_classes, seed=args.seed + i + 1) + 1) / 2 for i in range(0, len(mine), 250))
+    chunks = [mine[i:i + 250] for i in range(0, len(mine), 250)]
+    real = (images[c].float() / 255 for c in chunks)
+    fake = ((generate(model, alphas_cumprod, [j % max(n_classes, 1) for j in c], args, n_classes,
+                      seed=args.seed + 1 + c[0]) + 1) / 2 for c in chunks)
     src = "folder" if args.image_folder else "mnist-test"
-    cache = os.path.join(args.data_dir, f"fid_stats_{src}_{IMAGE_SIZE}_{args.fid}.npz")
-    res = fid.evaluate(fake, real, len(mine), cache=None if args.image_folder else cache,
-                       weights=args.fid_weights, device=alphas_cumprod.device)
+    cache = None if args.image_folder else os.path.join(args.data_dir, f"fid_stats_{src}_{IMAGE_SIZE}_{args.fid}.npz")
+    res = fid.evaluate(fake, real, len(mine), cache=cache, weights=args.fid_weights, device=alphas_cumprod.device)
     if rank == 0:
         res.update(sampler=args.sampler, sample_steps=args.sample_steps, cfg=args.cfg, real=src)
         json.dump(res, open(os.path.join(args.out_dir, "fid.json"), "w"), indent=2)
@@ -505,37 +505,73 @@ def autocast(args, device):
     return torch.autocast(device.type, torch.bfloat16) if bf16 else nullcontext()
 
 
+def resume(path, raw, ema, opt, device, rank, world):
+    """Weights, EMA, optimizer, step and this rank's RNG state: the run continues as if never stopped."""
+    ck = load_checkpoint(path, device)
+    load_weights(raw, ck["model"], path)
+    load_weights(ema, ck["ema"], path)
+    opt.load_state_dict(ck["opt"])
+    torch.set_rng_state(ck["rng"][rank if len(ck["rng"]) == world else 0].cpu())
+    return ck["step"]
+
+
+def save_run(args, raw, ema, opt, done, ddp, world, master):
+    rng = [torch.get_rng_state()] * world
+    if ddp:  # every rank's RNG state, so each rank's random stream resumes where it was
+        dist.all_gather_object(rng, torch.get_rng_state())
+    if not master:
+        return
+    state = dict(model=raw.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=done,
+                 config=vars(args), rng=rng)
+    save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), state)
+    if args.save_every and done % args.save_every == 0:
+        save_checkpoint(os.path.join(args.out_dir, f"ckpt_{done}.pt"), state)
+        kept = sorted(int(f[5:-3]) for f in os.listdir(args.out_dir) if f.startswith("ckpt_") and f.endswith(".pt"))
+        for s in kept[:-args.keep] if args.keep else []:
+            os.remove(os.path.join(args.out_dir, f"ckpt_{s}.pt"))
+
+
+def start_run(args, images, alphas_cumprod, raw, world, device):
+    """Rank 0: the output folder, config.json, the forward-process figure and the TensorBoard writer."""
+    os.makedirs(args.out_dir, exist_ok=True)
+    json.dump(vars(args), open(os.path.join(args.out_dir, "config.json"), "w"), indent=2)
+    forward_figure(images, alphas_cumprod, os.path.join(args.out_dir, "forward.png"))
+    print(f"{sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, {len(images)} images, "
+          f"global batch {args.batch_size * world}, device {device}")
+    if not args.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        die("--tensorboard needs the tensorboard package: pip install tensorboard")
+    return SummaryWriter(os.path.join(args.out_dir, "tb"))
+
+
+def write_log(rec, out_dir, pbar, writer):
+    with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    pbar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
+    for k in ("loss", "lr", "img_per_s") if writer else ():
+        writer.add_scalar(k, rec[k], rec["step"])
+
+
 def train(args, device, ddp, rank, world):
     master = rank == 0
     torch.manual_seed(args.seed + rank)
     images, labels, classes = get_data(args)
-    n_classes = 0 if args.uncond else len(classes)
-    alphas_cumprod = torch.cumprod(1 - make_betas(args.schedule, args.steps), 0).float().to(device)
+    if args.batch_size > len(images) // world:
+        die(f"--batch-size {args.batch_size} is larger than the data set ({len(images) // world} images per device)")
     images = images.to(device) if args.data_on_device else images
+    n_classes, alphas_cumprod = 0 if args.uncond else len(classes), make_alphas_cumprod(vars(args), device)
     raw = build_model(vars(args)).to(device).to(memory_format=torch.channels_last)
     ema = copy.deepcopy(raw).eval().requires_grad_(False)
     opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, weight_decay=0.0, fused=device.type == "cuda")
-    ckpt_path, step = os.path.join(args.out_dir, "ckpt.pt"), 0
-    if args.resume:
-        ck = load_checkpoint(ckpt_path, device)
-        load_weights(raw, ck["model"], ckpt_path)
-        load_weights(ema, ck["ema"], ckpt_path)
-        opt.load_state_dict(ck["opt"])
-        step = ck["step"]
-        torch.set_rng_state(ck["rng"][rank].cpu() if len(ck["rng"]) == world else ck["rng"][0].cpu())
+    step = resume(os.path.join(args.out_dir, "ckpt.pt"), raw, ema, opt, device, rank, world) if args.resume else 0
     model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw
     model = torch.compile(model) if args.compile else model
-    writer = None
-    if master:
-        os.makedirs(args.out_dir, exist_ok=True)
-        json.dump(vars(args), open(os.path.join(args.out_dir, "config.json"), "w"), indent=2)
-        forward_figure(images, alphas_cumprod, os.path.join(args.out_dir, "forward.png"))
-        writer = tensorboard_writer(args)
-        print(f"{sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, {len(images)} images, "
-              f"global batch {args.batch_size * world}, device {device}")
-    log = open(os.path.join(args.out_dir, "log.jsonl"), "a") if master else None
+    writer = start_run(args, images, alphas_cumprod, raw, world, device) if master else None
     stream = batches(len(images), args.batch_size, args.seed, rank, world, step)
-    loss_sum, n_loss, t0, t_log = torch.zeros((), device=device), 0, time.time(), time.time()
+    losses, t0, t_log = [], time.time(), time.time()
     pbar = tqdm(range(step, args.iters), initial=step, total=args.iters, disable=not master)
     for step in pbar:
         idx = next(stream)
@@ -553,103 +589,60 @@ def train(args, device, ddp, rank, world):
             torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
         opt.step()
         update_ema(ema, raw, min(args.ema, (1 + step) / (10 + step)))
-        loss_sum, n_loss, done = loss_sum + loss.detach(), n_loss + 1, step + 1
-        if done % args.log_every == 0 or done % args.ckpt_every == 0 or done == args.iters:
+        losses.append(loss.detach())
+        done, last = step + 1, step + 1 == args.iters
+        save = done % args.ckpt_every == 0 or last or (args.save_every and done % args.save_every == 0)
+        if done % args.log_every == 0 or save:
+            mean_loss = torch.stack(losses).mean()
             if ddp:
-                dist.all_reduce(loss_sum)
-            mean_loss = loss_sum.item() / n_loss / world
-            if not math.isfinite(mean_loss):  # stop before anything is saved; ckpt.pt stays the last good one
-                sys.exit(f"loss is {mean_loss} at step {done}; stopped, {ckpt_path} left as it was")
-            ips = n_loss * args.batch_size * world / (time.time() - t_log)
-            rec = dict(step=done, loss=mean_loss, lr=lr, img_per_s=ips, elapsed=time.time() - t0)
-            loss_sum, n_loss, t_log = torch.zeros((), device=device), 0, time.time()
+                dist.all_reduce(mean_loss)
+            rec = dict(step=done, loss=mean_loss.item() / world, lr=lr, elapsed=time.time() - t0,
+                       img_per_s=len(losses) * args.batch_size * world / (time.time() - t_log))
+            if not math.isfinite(rec["loss"]):  # stop before anything is saved: ckpt.pt stays the last good one
+                sys.exit(f"loss is {rec['loss']} at step {done}; stopped, the last good ckpt.pt is kept")
+            losses, t_log = [], time.time()
             if master:
-                pbar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.0f}")
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                if writer:
-                    for k in ("loss", "lr", "img_per_s"):
-                        writer.add_scalar(k, rec[k], done)
-        if master and (done % args.ckpt_every == 0 or done == args.iters):
-            rng = gather_rng(ddp, world)
-            state = dict(model=raw.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=done,
-                         config=vars(args), rng=rng)
-            save_checkpoint(ckpt_path, state)
-            if args.save_every and done % args.save_every == 0:
-                save_checkpoint(os.path.join(args.out_dir, f"ckpt_{done}.pt"), state)
-                prune_checkpoints(args.out_dir, args.keep)
-        elif ddp and (done % args.ckpt_every == 0 or done == args.iters):
-            gather_rng(ddp, world)
-        if master and (done % args.sample_every == 0 or done == args.iters):
-            grid = class_grid(ema, alphas_cumprod, args, n_classes)
+                write_log(rec, args.out_dir, pbar, writer)
+        if save:
+            save_run(args, raw, ema, opt, done, ddp, world, master)
+        if master and (done % args.sample_every == 0 or last):
+            path = [] if last else None
+            grid = class_grid(ema, alphas_cumprod, args, n_classes, path)
             save_grid(grid, os.path.join(args.out_dir, f"samples_{done}.png"), 10)
             if writer:
                 writer.add_image("samples", torchvision.utils.make_grid(grid * 0.5 + 0.5, nrow=10), done)
+            if last:
+                path_figure(path, 10, os.path.join(args.out_dir, "reverse.png"))
     if master:
-        path = []
-        class_grid(ema, alphas_cumprod, args, n_classes, path)
-        path_figure(path, 10, os.path.join(args.out_dir, "reverse.png"))
-        print(f"done: {args.iters} steps in {time.time() - t0:.0f}s, loss {mean_loss:.4f} -> {args.out_dir}")
+        print(f"done: step {args.iters}, {time.time() - t0:.0f}s, loss {rec['loss']:.4f} -> {args.out_dir}")
     return ema, alphas_cumprod, n_classes
-
-
-def gather_rng(ddp, world):
-    """Every rank's torch RNG state, so a resumed run continues each rank's random stream."""
-    state = torch.get_rng_state()
-    if not ddp:
-        return [state]
-    states = [None] * world
-    dist.all_gather_object(states, state)
-    return states
-
-
-def prune_checkpoints(out_dir, keep):
-    steps = sorted(int(f[5:-3]) for f in os.listdir(out_dir) if f.startswith("ckpt_") and f.endswith(".pt"))
-    for s in steps[:-keep] if keep else []:
-        os.remove(os.path.join(out_dir, f"ckpt_{s}.pt"))
-
-
-def tensorboard_writer(args):
-    if not args.tensorboard:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        die("--tensorboard needs the tensorboard package: pip install tensorboard")
-    return SummaryWriter(os.path.join(args.out_dir, "tb"))
 
 
 # ----------------------------------------------------------------------------- sampling entry point
 
 def parse_labels(text, n_classes):
-    if n_classes == 0:
-        return [0]
-    if text == "all":
-        return list(range(n_classes + 1))
-    out = []
-    for s in text.split(","):
-        if s.strip() == "uncond":
-            out.append(n_classes)
-        elif s.strip().isdigit() and int(s) < n_classes:
-            out.append(int(s))
-        else:
-            die(f"--labels: unknown class {s.strip()!r} (use 0-{n_classes - 1}, 'uncond' or 'all')")
-    return out
+    """'all', or comma-separated digits and 'uncond' (the null label, index n_classes)."""
+    names = [str(i) for i in range(n_classes)] + ["uncond"]
+    words = names if text == "all" or n_classes == 0 else [w.strip() for w in text.split(",")]
+    for w in words:
+        if w not in names:
+            die(f"--labels: unknown class {w!r} (use 0-{n_classes - 1}, 'uncond' or 'all')")
+    return [names.index(w) for w in words]
 
 
 def sample_main(args, device):
     path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
     ck = load_checkpoint(path, device)
-    cfg = ck["config"]
-    model = build_model(cfg).to(device).eval()
+    model = build_model(ck["config"]).to(device).eval()
     load_weights(model, ck["ema"], path)
-    n_classes = 0 if cfg["uncond"] else 10
-    alphas_cumprod = torch.cumprod(1 - make_betas(cfg["schedule"], cfg["steps"]), 0).float().to(device)
+    n_classes = 0 if ck["config"]["uncond"] else 10
+    alphas_cumprod = make_alphas_cumprod(ck["config"], device)
     labels = [lab for lab in parse_labels(args.labels, n_classes) for _ in range(args.n)]
     os.makedirs(args.out_dir, exist_ok=True)
     with autocast(args, device):
         if args.clip_prompt:
-            return clip_main(args, model, alphas_cumprod, n_classes, device)
+            clip_main(args, model, alphas_cumprod, n_classes, device)
+            return model, alphas_cumprod, n_classes
         trace = []
         x = generate(model, alphas_cumprod, labels, args, n_classes, args.seed, trace)
         save_grid(x, os.path.join(args.out_dir, "samples.png"), args.n)
@@ -664,16 +657,13 @@ def clip_main(args, model, alphas_cumprod, n_classes, device):
     """Unconditional samples, then the same seeds steered toward the prompt by CLIP."""
     if args.sampler == "dpmpp":
         die("--clip-prompt works with --sampler ddpm or ddim (it steers each step's mean)")
-    encode_image, encode_text = load_clip(args, device)
-    guide = clip_guide(encode_image, encode_text, args.clip_prompt, args.clip_scale, args.clip_steps,
-                       args.clip_lr)
+    guide = clip_guide(*load_clip(device), args.clip_prompt, args.clip_scale, args.clip_steps, args.clip_lr)
     labels = [n_classes] * args.n
     plain = generate(model, alphas_cumprod, labels, args, n_classes, args.seed)
     guided = generate(model, alphas_cumprod, labels, args, n_classes, args.seed, guide=guide)
-    name = "".join(c if c.isalnum() else "_" for c in args.clip_prompt)
-    save_grid(torch.cat([plain, guided]), os.path.join(args.out_dir, f"clip_{name}.png"), args.n)
-    print(f"wrote unguided (top) and CLIP-guided (bottom) samples to {args.out_dir}/clip_{name}.png")
-    return model, alphas_cumprod, n_classes
+    out = os.path.join(args.out_dir, "clip_" + "".join(c if c.isalnum() else "_" for c in args.clip_prompt) + ".png")
+    save_grid(torch.cat([plain, guided]), out, args.n)
+    print(f"wrote unguided (top row) and CLIP-guided (bottom row) samples to {out}")
 
 
 def main(argv=None):
