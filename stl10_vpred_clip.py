@@ -1,19 +1,15 @@
-"""Train a text-conditioned v-prediction diffusion U-Net on STL-10 at 96x96: frozen CLIP text embeddings
-of "a photo of a {class}" enter every level by cross-attention, with classifier-free guidance.
+"""Train a text-conditioned v-prediction diffusion U-Net on STL-10 at 96x96: frozen CLIP ViT-B/32 text embeddings
+of "a photo of a {class}" enter every U-Net level by cross-attention; classifier-free guidance on v.
 
-    python stl10_vpred_clip.py --steps 500 --cfg 6          # train; STL-10 is downloaded into ./data
+    python stl10_vpred_clip.py --steps 500 --cfg 6          # train (STL-10 is downloaded into ./data)
     python stl10_vpred_clip.py --cond learned               # learned label embeddings instead of CLIP
-    python stl10_vpred_clip.py --text-emb emb.pt            # precomputed text embeddings (no open_clip)
     python stl10_vpred_clip.py --sample --label 3 --cfg 6   # sample from out/stl10_vpred_clip/ckpt.pt
     python stl10_vpred_clip.py --diagnostics --ckpt out/stl10_vpred_clip/ckpt.pt   # the five figures
-    python stl10_vpred_clip.py --sweep --schedules cosine linear --cfg 0 1.5 3 6 9 --eta 0 1 \\
-        --labels 0 1 2 3 4 5 6 7 8 9 10 --seed 42          # sweeps/<schedule>/grid_*.png
+    python stl10_vpred_clip.py --sweep --schedules cosine linear --cfg 0 1.5 3 6 9 --eta 0 1 --seed 42
     python stl10_vpred_clip.py --sample --fid 5000          # FID and IS against the STL-10 test split
     torchrun --nproc_per_node=4 stl10_vpred_clip.py         # several GPUs, DistributedDataParallel
 
-Follows seed 000, "STL10 Class-Conditional Diffusion (96x96)" (v-prediction, cosine 500-step schedule,
-CLIP ViT-B/32 text embeddings through cross-attention, CFG, EMA, five diagnostics, inference sweeps),
-with the collection's shared command line (SPEC.md).
+Follows seed 000 (STL10 class-conditional diffusion at 96x96) with the collection's command line (SPEC.md).
 """
 import argparse
 import copy
@@ -39,7 +35,6 @@ IMAGE_SIZE, CHANNELS = 96, 3
 STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
 CLIP_CACHE = "clip_text_emb_stl10_vitb32.pt"
 
-
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -53,11 +48,8 @@ def get_args(argv=None):
     g.add_argument("--depth", type=int, default=2, help="residual blocks per resolution")
     g.add_argument("--dropout", type=float, default=0.1, help="dropout in residual blocks")
     g.add_argument("--attn-res", type=int, default=24, help="self-attention at feature maps <= this size")
-    g.add_argument("--cond", choices=["clip", "learned"], default="clip",
-                   help="frozen CLIP text embeddings, or learned label embeddings (the seed's first model)")
+    g.add_argument("--cond", choices=["clip", "learned"], default="clip", help="CLIP text or learned label emb.")
     g.add_argument("--text-emb", default=None, help="precomputed [classes+1, D] text embeddings (.pt)")
-    g.add_argument("--clip-model", default="ViT-B-32", help="open_clip model name")
-    g.add_argument("--clip-pretrained", default="openai", help="open_clip weights tag")
     g = p.add_argument_group("diffusion")
     g.add_argument("--steps", "--timesteps", type=int, default=500, help="diffusion timesteps T")
     g.add_argument("--schedule", choices=["cosine", "linear"], default="cosine", help="noise schedule")
@@ -84,25 +76,21 @@ def get_args(argv=None):
     g.add_argument("--diagnostics", action="store_true", help="no training: the five figures for --ckpt")
     g.add_argument("--sweep", action="store_true", help="no training: grids over --schedules, --cfg, --eta")
     g.add_argument("--ckpt", default=None, help="checkpoint to use (default: the run's ckpt.pt)")
-    g.add_argument("--labels", "--label", nargs="+", default=["all"],
-                   help="class indices (the last index is unconditional), 'uncond' or 'all'")
+    g.add_argument("--labels", "--label", nargs="+", default=["all"], help="classes; 10 or 'uncond'; 'all'")
     g.add_argument("--n", type=int, default=8, help="samples per label (grids, --sample, --sweep)")
     g.add_argument("--cfg", "--guidance_scale", type=float, nargs="+", default=[6.0],
                    help="guidance W: v_u + W*(v_c - v_u); 0 uncond, 1 cond (several with --sweep)")
     g.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], default="ddim", help="reverse process")
     g.add_argument("--sample-steps", type=int, default=100, help="steps K of ddim/dpmpp (ddpm uses T)")
-    g.add_argument("--eta", type=float, nargs="+", default=[1.0],
-                   help="DDIM noise: 1 stochastic (the seed's best), 0 deterministic (several with --sweep)")
-    g.add_argument("--schedules", nargs="+", choices=["cosine", "linear"], default=["cosine"],
-                   help="--sweep: schedules to sample with")
+    g.add_argument("--eta", type=float, nargs="+", default=[1.0], help="DDIM noise: 1 stochastic (best), 0 none")
+    g.add_argument("--schedules", nargs="+", choices=["cosine", "linear"], default=["cosine"], help="--sweep's")
     g.add_argument("--gif", action="store_true", help="with --sample, also write denoise.gif")
     g.add_argument("--fid", type=int, default=0, help="FID/IS from N samples against the test split")
     g.add_argument("--fid-weights", default="download", help="FID Inception weights: download or a path")
     g = p.add_argument_group("system")
     g.add_argument("--out-dir", default="out/stl10_vpred_clip", help="where everything is written")
     g.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
-    g.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="autocast dtype; auto is bf16 on CUDA, fp32 elsewhere")
+    g.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on CUDA only")
     g.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
     g.add_argument("--tensorboard", action="store_true", help="also log to <out-dir>/tb (with projector)")
     g.add_argument("--config", default=None, help="a run's config.json to use as defaults")
@@ -121,7 +109,6 @@ def get_args(argv=None):
     if not args.sweep and (len(args.cfg) > 1 or len(args.eta) > 1):
         die("--cfg and --eta take several values only with --sweep")
     return args
-
 
 def die(msg):
     print(f"error: {msg}", file=sys.stderr)
@@ -159,7 +146,6 @@ def get_data(args, train=True):
         images, labels = images[keep], labels[keep]
     return images, labels, list(classes)
 
-
 def batches(n, batch_size, seed, rank, world, start_step):
     """Index batches forever, epoch after epoch; the same seed and step give the same batch."""
     sampler = DistributedSampler(range(n), world, rank, shuffle=True, seed=seed, drop_last=True)
@@ -174,39 +160,34 @@ def batches(n, batch_size, seed, rank, world, start_step):
             yield idx[b * batch_size:(b + 1) * batch_size]
         epoch, skip = epoch + 1, 0
 
-
 def text_embeddings(args, classes):
-    """[n+1, D] text embeddings of "a photo of a {class}" and of "" (the unconditional index n), from
-    --text-emb, from the cache, or computed once with open_clip and cached (.pt and the seed's .npz)."""
+    """[n+1, D] text embeddings of "a photo of a {class}" and of "" (the unconditional index n): from
+    --text-emb, else from the cache if its prompts match, else computed once with open_clip and cached."""
     prompts = [f"a photo of a {c}" for c in classes] + [""]
     path = args.text_emb or os.path.join(args.out_dir if args.image_folder else args.data_dir, CLIP_CACHE)
-    if args.text_emb and not os.path.isfile(path):
-        die(f"--text-emb: no such file {path}")
-    if os.path.isfile(path):
+    if args.text_emb or os.path.isfile(path):
         try:
             d = torch.load(path, map_location="cpu", weights_only=True)
             emb, cached = d["emb"].float(), d["prompts"]
         except Exception as e:
-            die(f"--text-emb {path} is not a text-embedding file ({type(e).__name__})")
-        if args.text_emb and len(emb) != len(prompts):
+            die(f"--text-emb {path}: not a readable embedding file ({type(e).__name__})")
+        if len(emb) != len(prompts):
             die(f"--text-emb {path} has {len(emb)} rows; need {len(prompts)} ({len(classes)} classes + unconditional)")
         if args.text_emb or cached == prompts:
             return emb
-    emb = clip_encode(prompts, args)
+    emb = clip_encode(prompts)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     save_checkpoint(path, dict(emb=emb, context_dim=emb.shape[1], prompts=prompts))
-    np.savez(path[:-3] + ".npz", emb=emb.numpy(), prompts=np.array(prompts))
     return emb
 
-
-def clip_encode(prompts, args):
+def clip_encode(prompts):
     try:
         import open_clip
     except ImportError:
         die("--cond clip needs CLIP text embeddings: pip install open_clip_torch, or pass --text-emb FILE "
             "(a dict emb/context_dim/prompts), or use --cond learned")
-    model, _, _ = open_clip.create_model_and_transforms(args.clip_model, pretrained=args.clip_pretrained)
-    tokens = open_clip.get_tokenizer(args.clip_model)(prompts)
+    model, _, _ = open_clip.create_model_and_transforms("ViT-B-32", pretrained="openai")  # the seed's ViT-B/32
+    tokens = open_clip.get_tokenizer("ViT-B-32")(prompts)
     with torch.no_grad():  # the CLIP encoder stays frozen; unit norm, as CLIP compares them
         return F.normalize(model.eval().encode_text(tokens).float(), dim=-1)
 
@@ -219,10 +200,8 @@ def timestep_embedding(t, dim):
     args = t.float()[:, None] * freqs[None]
     return torch.cat([args.sin(), args.cos()], dim=1)
 
-
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice; the time embedding is added between them (no FiLM, as the seed)."""
-
     def __init__(self, cin, cout, emb_dim, dropout):
         super().__init__()
         self.norm1, self.conv1 = nn.GroupNorm(8, cin), nn.Conv2d(cin, cout, 3, padding=1)
@@ -235,11 +214,9 @@ class ResBlock(nn.Module):
         h = self.conv1(F.silu(self.norm1(x))) + self.time(F.silu(emb))[:, :, None, None]
         return self.skip(x) + self.conv2(self.dropout(F.silu(self.norm2(h))))
 
-
 class Attention(nn.Module):
     """Multi-head attention of the pixels (queries) over themselves, or over text context tokens [B, L, D]
     when ctx_dim is given; returns the update, which the caller adds."""
-
     def __init__(self, ch, ctx_dim=None, heads=4):
         super().__init__()
         self.heads, self.norm = heads, nn.GroupNorm(8, ch)
@@ -255,13 +232,11 @@ class Attention(nn.Module):
         h = F.scaled_dot_product_attention(q, k, v)  # [B, heads, HW, C/heads]
         return self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
 
-
 class Block(nn.Module):
     """One U-Net layer as the seed's: residual block (structure + time), image-only self-attention,
     then cross-attention to the text as a refinement: out = res_out + cross_attn_out. The text is one
     vector per image, so a learned null token joins it as a second key: each pixel chooses how much
     text it takes (a softmax over one key alone would be 1 everywhere)."""
-
     def __init__(self, cin, cout, emb_dim, ctx_dim, dropout, self_attn):
         super().__init__()
         self.res = ResBlock(cin, cout, emb_dim, dropout)
@@ -273,15 +248,12 @@ class Block(nn.Module):
         h = h + self.attn(h) if self.attn else h
         return h + self.cross(h, torch.stack([self.null.expand_as(ctx).to(ctx.dtype), ctx], 1))
 
-
 class UNet(nn.Module):
     """96 -> 48 -> 24 -> 12 U-Net (one stage deeper than the 32x32 scripts), skips concatenated; the
     condition is row y of a [n_classes+1, D] table (frozen CLIP buffer or learned), row n_classes = null."""
-
     def __init__(self, width, depth, n_classes, ctx_dim, cond, dropout=0.0, attn_res=24, mults=(1, 2, 2, 4)):
         super().__init__()
-        emb_dim, chs = 4 * width, [width * m for m in mults]
-        self.width = width
+        self.width, emb_dim, chs = width, 4 * width, [width * m for m in mults]
         self.time_mlp = nn.Sequential(nn.Linear(width, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         if cond == "clip":
             self.register_buffer("text_emb", torch.zeros(n_classes + 1, ctx_dim))
@@ -308,8 +280,7 @@ class UNet(nn.Module):
                 self.up.append(nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(c, c, 3, padding=1)))
         self.out = nn.Sequential(nn.GroupNorm(8, c), nn.SiLU(), nn.Conv2d(c, CHANNELS, 3, padding=1))
 
-    def cond_table(self):
-        """The conditioning vectors, one row per class plus the unconditional row."""
+    def cond_table(self):  # the conditioning vectors: one row per class, then the unconditional row
         return self.text_emb if hasattr(self, "text_emb") else self.label_emb.weight
 
     def forward(self, x, t, y):
@@ -334,33 +305,26 @@ def make_betas(schedule, T):
     f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + 0.008) / 1.008 * math.pi / 2) ** 2
     return (1 - f[1:] / f[:-1]).clamp(max=0.999)
 
-
 def make_alphas_cumprod(schedule, T, device):
     return torch.cumprod(1 - make_betas(schedule, T), 0).float().to(device)
-
 
 def q_sample(x0, t, noise, alphas_cumprod):
     """x_t = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * eps"""
     abar = alphas_cumprod[t].view(-1, 1, 1, 1)
     return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
-
 def v_target(x0, eps, abar):  # v = sqrt(abar) * eps - sqrt(1 - abar) * x0 (Salimans & Ho)
     return abar.sqrt() * eps - (1 - abar).sqrt() * x0
-
 
 def v_to_eps(v, x, abar):  # eps = sqrt(abar) * v + sqrt(1 - abar) * x_t
     return abar.sqrt() * v + (1 - abar).sqrt() * x
 
-
 def v_to_x0(v, x, abar):  # x0 = sqrt(abar) * x_t - sqrt(1 - abar) * v
     return abar.sqrt() * x - (1 - abar).sqrt() * v
-
 
 def eps_from_v(v_fn, alphas_cumprod):
     """A v-denoiser v_fn(x, t) as the eps-denoiser the samplers take."""
     return lambda x, t: v_to_eps(v_fn(x, t), x, alphas_cumprod[t].view(-1, *[1] * (x.dim() - 1)))
-
 
 def p_losses(model, x0, y, alphas_cumprod, p_uncond, null):
     """v-prediction loss ||v - v_theta(x_t, t, y)||^2; the condition dropped to `null` with p_uncond."""
@@ -387,10 +351,8 @@ def cfg_denoiser(model, y, w, null):
         return v_u + w * (v_c - v_u)
     return v_fn
 
-
 def sample_timesteps(t_start, steps):
     return torch.linspace(t_start, 0, steps).round().long().tolist()
-
 
 def ddim_sample(eps_fn, x, alphas_cumprod, steps, eta, generator=None, path=None, t_start=None):
     """DDIM (Song et al.) from x at t_start (default T-1) on `steps` timesteps. With eta=1 on all T steps
@@ -409,7 +371,6 @@ def ddim_sample(eps_fn, x, alphas_cumprod, steps, eta, generator=None, path=None
         if path is not None:
             path.append(x.cpu())
     return x
-
 
 def dpmpp_sample(eps_fn, x, alphas_cumprod, steps, path=None, t_start=None):
     """DPM-Solver++(2M) (Lu et al. 2022) in data prediction, lambda = log(alpha / sigma); the last step,
@@ -435,23 +396,19 @@ def dpmpp_sample(eps_fn, x, alphas_cumprod, steps, path=None, t_start=None):
             path.append(x.cpu())
     return x
 
-
 def sample(eps_fn, x, alphas_cumprod, sampler, steps, eta, generator=None, path=None, t_start=None):
     """From x at t_start (default T-1: pure noise); a partial start takes its share of the K steps."""
     T = len(alphas_cumprod)
-    frac = 1.0 if t_start is None else (t_start + 1) / T
-    if sampler == "ddpm":
-        return ddim_sample(eps_fn, x, alphas_cumprod, round(T * frac), 1.0, generator, path, t_start)
-    K = max(1, round(min(steps, T) * frac))
+    if sampler == "ddpm":  # ancestral: DDIM with eta=1 on every timestep
+        sampler, steps, eta = "ddim", T, 1.0
+    K = max(1, round(min(steps, T) * (1.0 if t_start is None else (t_start + 1) / T)))
     if sampler == "ddim":
         return ddim_sample(eps_fn, x, alphas_cumprod, K, eta, generator, path, t_start)
     return dpmpp_sample(eps_fn, x, alphas_cumprod, K, path, t_start)
 
-
 @torch.no_grad()
 def generate(model, alphas_cumprod, labels, args, seed=0, path=None, w=None, eta=None, sampler=None):
-    """Images in [-1, 1] for `labels` (the last index = unconditional) from fixed seeds; w, eta and
-    sampler default to the run's (--cfg, --eta, --sampler)."""
+    """Images in [-1, 1] for `labels` from fixed seeds; w, eta, sampler default to --cfg, --eta, --sampler."""
     device, null = alphas_cumprod.device, len(model.cond_table()) - 1
     g = torch.Generator().manual_seed(seed)
     x = torch.randn((len(labels), CHANNELS, IMAGE_SIZE, IMAGE_SIZE), generator=g).to(device)
@@ -460,22 +417,18 @@ def generate(model, alphas_cumprod, labels, args, seed=0, path=None, w=None, eta
     return sample(eps_fn, x, alphas_cumprod, sampler or args.sampler, args.sample_steps,
                   args.eta[0] if eta is None else eta, g, path).clamp(-1, 1)
 
-
 def class_grid(model, alphas_cumprod, args, path=None):
     """Fixed seeds, one row per class plus the unconditional row, --n samples each."""
     rows = range(len(model.cond_table()))
     return generate(model, alphas_cumprod, [r for r in rows for _ in range(args.n)], args, args.seed, path)
 
-
 def save_grid(x, path, nrow):
     torchvision.utils.save_image(x * 0.5 + 0.5, path, nrow=nrow, padding=1, pad_value=1.0)
-
 
 def path_figure(path, n_rows, out):
     """The reverse (denoising) path: a row per sample, columns from noise to image."""
     cols = torch.linspace(0, len(path) - 1, min(len(path), 10)).round().long().tolist()
     save_grid(torch.stack([path[c][:n_rows] for c in cols], 1).flatten(0, 1).clamp(-1, 1), out, len(cols))
-
 
 def save_gif(path, out, nrow):
     frames = torch.linspace(0, len(path) - 1, min(len(path), 50)).round().long().tolist()
@@ -490,7 +443,7 @@ def save_gif(path, out, nrow):
 
 def embedding_map(table, names, out):
     """2-D map of the conditioning vectors, labelled: t-SNE with scikit-learn installed, else PCA."""
-    x = table.detach().float().cpu()
+    x = table
     try:
         from sklearn.manifold import TSNE
         xy = torch.from_numpy(TSNE(2, perplexity=min(5, len(x) - 1), init="pca", random_state=0)
@@ -499,41 +452,35 @@ def embedding_map(table, names, out):
     except ImportError:
         x = x - x.mean(0)
         xy, method = x @ torch.linalg.svd(x, full_matrices=False)[2][:2].T, "PCA"  # two principal axes
-    xy = (xy - xy.min(0).values) / (xy.max(0).values - xy.min(0).values).clamp(min=1e-8)
+    xy = (xy - xy.min(0).values) / (xy.max(0).values - xy.min(0).values).clamp(min=1e-8) * 330 + 35
     img = Image.new("RGB", (480, 400), "white")
     draw = ImageDraw.Draw(img)
     draw.text((8, 6), f"conditioning embeddings, {method}", fill="black")
     for i, ((px, py), name) in enumerate(zip(xy.tolist(), names)):
-        px, py = 30 + 340 * px, 40 + 330 * py
-        color = ImageColor.getrgb(f"hsl({i * 360 // len(names)}, 70%, 45%)")
-        draw.ellipse([px - 5, py - 5, px + 5, py + 5], fill=color)
+        draw.ellipse([px - 5, py - 5, px + 5, py + 5], fill=ImageColor.getrgb(f"hsl({i * 360 // len(names)},70%,45%)"))
         draw.text((px + 8, py - 6), name, fill="black")
     img.save(out)
 
-
 @torch.no_grad()
-def reconstruct(model, alphas_cumprod, x0, ts, args):
-    """Forward-diffuse x0 to each t, then run the reverse process back from t (unconditional, fixed noise)."""
+def reconstruct(model, alphas_cumprod, x0, y, ts, args):
+    """Forward-diffuse x0 to each t (fixed noise), then run the reverse process back from t, conditioned
+    on the true class without guidance (w=1), so the figure shows what the network restores."""
     g = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(x0.shape, generator=g).to(x0.device)
-    null = len(model.cond_table()) - 1
-    y = torch.full((len(x0),), null, device=x0.device)
-    eps_fn = eps_from_v(cfg_denoiser(model, y, 0.0, null), alphas_cumprod)
+    eps_fn = eps_from_v(cfg_denoiser(model, y, 1.0, None), alphas_cumprod)
     noisy = [q_sample(x0, torch.full_like(y, t), noise, alphas_cumprod) for t in ts]
     recon = [sample(eps_fn, x, alphas_cumprod, args.sampler, args.sample_steps, args.eta[0], g, None, t)
              for x, t in zip(noisy, ts)]
     return [x.clamp(-1, 1) for x in noisy], [x.clamp(-1, 1) for x in recon]
 
-
-def diagnostics(model, alphas_cumprod, images, classes, args, out, writer=None, step=0):
+def diagnostics(model, alphas_cumprod, images, labels, classes, args, out, writer=None, step=0):
     """The seed's five checks: embedding map, denoising collage, fixed-seed class grid, single-image
     reconstruction from several t, reconstruction sweep (original + reconstructions)."""
     os.makedirs(out, exist_ok=True)
-    names, n = classes + ["uncond"], len(classes)
-    embedding_map(model.cond_table(), names, os.path.join(out, "embeddings.png"))
-    if writer:
-        writer.add_embedding(model.cond_table().detach().float().cpu(), metadata=names,
-                             global_step=step, tag="conditioning")
+    names, n, table = classes + ["uncond"], len(classes), model.cond_table().detach().float().cpu()
+    embedding_map(table, names, os.path.join(out, "embeddings.png"))
+    if writer:  # the seed's label-embedding projector
+        writer.add_embedding(table, metadata=names, global_step=step, tag="conditioning")
     path = []
     generate(model, alphas_cumprod, [0, n // 2, n - 1, n], args, args.seed, path)
     path_figure(path, 4, os.path.join(out, "collage.png"))
@@ -541,7 +488,7 @@ def diagnostics(model, alphas_cumprod, images, classes, args, out, writer=None, 
     T = len(alphas_cumprod)
     ts = [max(0, round(f * T) - 1) for f in (0.1, 0.25, 0.5, 0.75, 1.0)]
     x0 = images[:4].to(alphas_cumprod.device).float() / 127.5 - 1
-    noisy, recon = reconstruct(model, alphas_cumprod, x0, ts, args)
+    noisy, recon = reconstruct(model, alphas_cumprod, x0, labels[:4].to(x0.device), ts, args)
     single = [x0[0]] + [x[0] for x in noisy] + [x0[0]] + [x[0] for x in recon]
     save_grid(torch.stack(single), os.path.join(out, "reconstruction.png"), len(ts) + 1)
     panel = torch.stack([x0] + recon, 1).flatten(0, 1)  # rows: original, then reconstructions from each t
@@ -557,13 +504,11 @@ def update_ema(ema, model, decay):
     for be, b in zip(ema.buffers(), model.buffers()):
         be.copy_(b)
 
-
 def save_checkpoint(path, state):
     """Write to a temporary file in the same folder, then rename: a crash never leaves a broken file."""
     tmp = f"{path}.tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
-
 
 def load_checkpoint(path, device):
     if not os.path.isfile(path):
@@ -573,17 +518,14 @@ def load_checkpoint(path, device):
     except Exception as e:
         die(f"{path} is not a readable checkpoint ({type(e).__name__})")
 
-
 def build_model(cfg, n_classes, ctx_dim):
     return UNet(cfg["width"], cfg["depth"], n_classes, ctx_dim, cfg["cond"], cfg["dropout"], cfg["attn_res"])
-
 
 def load_weights(module, state, path):
     try:
         module.load_state_dict(state)
     except RuntimeError:
         die(f"checkpoint {path} does not match this model (check --width, --depth, --cond, --text-emb)")
-
 
 def run_fid(args, model, alphas_cumprod, classes, rank, world):
     """FID and IS of args.fid class-balanced samples against the test split; each rank makes its share."""
@@ -600,8 +542,7 @@ def run_fid(args, model, alphas_cumprod, classes, rank, world):
     if rank == 0:
         res.update(sampler=args.sampler, sample_steps=args.sample_steps, cfg=args.cfg[0], eta=args.eta[0], real=src)
         json.dump(res, open(os.path.join(args.out_dir, "fid.json"), "w"), indent=2)
-        print(f"FID {res['fid']:.2f}, IS {res['inception_score_mean']:.2f} from {args.fid} samples "
-              f"-> {args.out_dir}/fid.json")
+        print(f"FID {res['fid']:.2f}, IS {res['inception_score_mean']:.2f} from {args.fid} samples -> fid.json")
 
 
 # ----------------------------------------------------------------------------- training
@@ -621,25 +562,15 @@ def setup(args):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return torch.device(name), ddp, rank, world
 
-
 def autocast(args, device):
     bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
     return torch.autocast(device.type, torch.bfloat16) if bf16 else nullcontext()
-
 
 def lr_at(step, args):
     """Linear warm-up to --lr, then cosine decay to 0 at --iters (the seed's schedule)."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
     return args.lr * 0.5 * (1 + math.cos(math.pi * (step - args.warmup) / max(1, args.iters - args.warmup)))
-
-
-def get_batch(images, labels, idx, device):
-    """uint8 -> [-1, 1], random horizontal flips, channels_last."""
-    x = images[idx].to(device, non_blocking=True).float() / 127.5 - 1
-    x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(3), x)
-    return x.contiguous(memory_format=torch.channels_last), labels[idx].to(device, non_blocking=True)
-
 
 def init_model(args, classes, device):
     """Model (CLIP table loaded as a frozen buffer), EMA copy and AdamW (fused on CUDA)."""
@@ -654,13 +585,11 @@ def init_model(args, classes, device):
                             fused=device.type == "cuda")
     return raw, ema, opt, ctx_dim
 
-
 def train(args, device, ddp, rank, world):
     master = rank == 0
     torch.manual_seed(args.seed + rank)
     images, labels, classes = get_data(args)
     images = images.pin_memory() if device.type == "cuda" else images
-    n_classes = len(classes)
     alphas_cumprod = make_alphas_cumprod(args.schedule, args.steps, device)
     raw, ema, opt, ctx_dim = init_model(args, classes, device)
     ckpt_path, step = os.path.join(args.out_dir, "ckpt.pt"), 0
@@ -678,9 +607,8 @@ def train(args, device, ddp, rank, world):
         os.makedirs(args.out_dir, exist_ok=True)
         json.dump(vars(args), open(os.path.join(args.out_dir, "config.json"), "w"), indent=2)
         writer = tensorboard_writer(args)
-        print(f"{sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, {len(images)} images, "
-              f"{n_classes} classes, cond {args.cond} (dim {ctx_dim}), global batch "
-              f"{args.batch_size * args.accum * world}, device {device}")
+        print(f"{sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, {len(images)} images, {len(classes)} "
+              f"classes, cond {args.cond} (dim {ctx_dim}), global batch {args.batch_size * args.accum * world}, {device}")
     log = open(os.path.join(args.out_dir, "log.jsonl"), "a") if master else None
     stream = batches(len(images), args.batch_size, args.seed, rank, world, step * args.accum)
     loss_sum, n_loss, t0, t_log = torch.zeros((), device=device), 0, time.time(), time.time()
@@ -691,10 +619,13 @@ def train(args, device, ddp, rank, world):
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)
         for micro in range(args.accum):  # gradient accumulation: DDP syncs only on the last micro-batch
-            x0, y = get_batch(images, labels, next(stream), device)
+            idx = next(stream)
+            x0 = images[idx].to(device, non_blocking=True).float() / 127.5 - 1
+            x0 = torch.where(torch.rand(len(x0), 1, 1, 1, device=device) < 0.5, x0.flip(3), x0)  # random flips
+            x0, y = x0.contiguous(memory_format=torch.channels_last), labels[idx].to(device, non_blocking=True)
             with model.no_sync() if ddp and micro + 1 < args.accum else nullcontext():
                 with autocast(args, device):
-                    loss = p_losses(model, x0, y, alphas_cumprod, args.p_uncond, n_classes) / args.accum
+                    loss = p_losses(model, x0, y, alphas_cumprod, args.p_uncond, len(classes)) / args.accum
                 loss.backward()
             loss_sum += loss.detach()
         if args.grad_clip:
@@ -732,12 +663,11 @@ def train(args, device, ddp, rank, world):
             if writer:
                 writer.add_image("samples", torchvision.utils.make_grid(grid * 0.5 + 0.5, nrow=args.n), done)
         if master and args.diag_every and (done % args.diag_every == 0 or done == args.iters):
-            diagnostics(ema, alphas_cumprod, images, classes, args,
+            diagnostics(ema, alphas_cumprod, images, labels, classes, args,
                         os.path.join(args.out_dir, "diagnostics", f"step_{done}"), writer, done)
     if master:
         print(f"done: {args.iters} steps in {time.time() - t0:.0f}s, loss {mean_loss:.4f} -> {args.out_dir}")
     return ema, alphas_cumprod, classes
-
 
 def gather_rng(ddp, world):
     """Every rank's torch RNG state, so a resumed run continues each rank's random stream."""
@@ -748,12 +678,10 @@ def gather_rng(ddp, world):
     dist.all_gather_object(states, state)
     return states
 
-
 def prune_checkpoints(out_dir, keep):
     steps = sorted(int(f[5:-3]) for f in os.listdir(out_dir) if f.startswith("ckpt_") and f.endswith(".pt"))
     for s in steps[:-keep] if keep else []:
         os.remove(os.path.join(out_dir, f"ckpt_{s}.pt"))
-
 
 def tensorboard_writer(args):
     if not args.tensorboard:
@@ -781,27 +709,20 @@ def parse_labels(tokens, n_classes):
             die(f"--labels: unknown class {s!r} (use 0-{n_classes}, {n_classes} or 'uncond' is unconditional, 'all')")
     return out
 
-
-def load_run(args, device):
-    """The EMA model of --ckpt, built from the checkpoint's saved config; that run's data settings."""
+def sample_main(args, device):
+    """--sample, --diagnostics, --sweep: the EMA model of --ckpt, built from the checkpoint's config."""
     path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
     ck = load_checkpoint(path, device)
-    cfg = ck["config"]
-    model = build_model(cfg, len(ck["classes"]), ck["context_dim"]).to(device).eval()
-    load_weights(model, ck["ema"], path)
-    data = argparse.Namespace(**{**vars(args), **{k: cfg[k] for k in ("data_dir", "image_folder", "limit", "overfit")}})
-    return model, make_alphas_cumprod(cfg["schedule"], cfg["steps"], device), ck, data
-
-
-def sample_main(args, device):
-    model, alphas_cumprod, ck, data = load_run(args, device)
     classes, cfg = ck["classes"], ck["config"]
+    model = build_model(cfg, len(classes), ck["context_dim"]).to(device).eval()
+    load_weights(model, ck["ema"], path)
+    alphas_cumprod = make_alphas_cumprod(cfg["schedule"], cfg["steps"], device)
     labels = [lab for lab in parse_labels(args.labels, len(classes)) for _ in range(args.n)]
     os.makedirs(args.out_dir, exist_ok=True)
     with autocast(args, device):
         if args.diagnostics:
-            images, _, _ = get_data(data)
-            diagnostics(model, alphas_cumprod, images, classes, args,
+            images, labels_, _ = get_data(argparse.Namespace(**cfg))  # the run's own training images
+            diagnostics(model, alphas_cumprod, images, labels_, classes, args,
                         os.path.join(args.out_dir, "diagnostics", f"step_{ck['step']}"))
             print(f"wrote diagnostics (step {ck['step']}) to {args.out_dir}/diagnostics/step_{ck['step']}")
         if args.sweep:
@@ -814,8 +735,7 @@ def sample_main(args, device):
             if args.gif:
                 save_gif(trace, os.path.join(args.out_dir, "denoise.gif"), args.n)
             print(f"wrote {len(x)} samples (step {ck['step']}) to {args.out_dir}/samples.png")
-    return model, alphas_cumprod, classes, data
-
+    return model, alphas_cumprod, classes
 
 def sweep(model, labels, T, args, device):
     """The seed's inference_sweeps: one grid per schedule x cfg x eta (DDIM on --sample-steps, same seed)."""
@@ -829,16 +749,15 @@ def sweep(model, labels, T, args, device):
                 save_grid(x, os.path.join(args.out_dir, "sweeps", schedule, name), args.n)
     print(f"wrote {len(args.schedules) * len(args.cfg) * len(args.eta)} grids to {args.out_dir}/sweeps/")
 
-
 def main(argv=None):
     args = get_args(argv)
     device, ddp, rank, world = setup(args)
     if args.sample or args.diagnostics or args.sweep:
-        model, alphas_cumprod, classes, data = sample_main(args, device)
+        model, alphas_cumprod, classes = sample_main(args, device)
     else:
-        (model, alphas_cumprod, classes), data = train(args, device, ddp, rank, world), args
+        model, alphas_cumprod, classes = train(args, device, ddp, rank, world)
     if args.fid:
-        run_fid(data, model, alphas_cumprod, classes, rank, world)
+        run_fid(args, model, alphas_cumprod, classes, rank, world)
     if ddp:
         dist.destroy_process_group()
 
