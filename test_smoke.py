@@ -297,3 +297,16 @@ def test_mnist_torchrun_two_processes(tmp_path):
     ck = load(os.path.join(out, "ckpt.pt"))
     assert ck["step"] == 3 and len(ck["rng"]) == 2 and not torch.equal(ck["rng"][0], ck["rng"][1])
     assert len([line for line in open(os.path.join(out, "log.jsonl"))]) == 3  # one writer
+
+
+def test_mnist_fid_writes_json(mnist_run, tmp_path, monkeypatch):
+    import fid
+    net = fid.inception_v3
+    monkeypatch.setattr(fid, "inception_v3", lambda weights="download": net(None))  # offline: random weights
+    out = str(tmp_path)
+    assert run("mnist_ddpm", "--sample", "--ckpt", os.path.join(mnist_run.out, "ckpt.pt"), "--out-dir", out,
+               "--data-dir", mnist_run.data, "--fid", "12", "--sample-steps", "2", "--n", "1", "--device", "cpu") == 0
+    res = json.load(open(os.path.join(out, "fid.json")))
+    assert res["n"] == 12 and res["fid"] >= 0 and res["sampler"] == "ddim" and res["cfg"] == 2.0
+    assert os.path.isfile(os.path.join(mnist_run.data, "fid_stats_mnist-test_28_12.npz"))
+    assert image_size(os.path.join(out, "real_vs_fake.png")) == (10 * 29 + 1, 10 * 29 + 1)
