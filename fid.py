@@ -42,19 +42,17 @@ class FIDInceptionC(tvi.InceptionC):
 
 
 class FIDInceptionE(tvi.InceptionE):
-    pool = avg_pool  # Mixed_7c: a max pool (no parameters, so the state_dict keys stay torchvision's)
+    max_pool = False  # True in Mixed_7c
 
     def forward(self, x):
-        b3 = self.branch3x3_1(x)
+        b3, bd = self.branch3x3_1(x), self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
-        bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1)
-        return torch.cat([self.branch1x1(x), b3, bd, self.branch_pool(self.pool(x))], 1)
+        pool = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else avg_pool(x)
+        return torch.cat([self.branch1x1(x), b3, bd, self.branch_pool(pool)], 1)
 
 
 class FIDInception(tvi.Inception3):
-    """forward(images [N, 1 or 3, H, W] in [0, 1] or uint8) -> (pool3 features [N, 2048], logits [N, 1008])."""
-
     def __init__(self):
         super().__init__(num_classes=1008, aux_logits=False, init_weights=False)
         A, C, E = FIDInceptionA, FIDInceptionC, FIDInceptionE  # same arguments as torchvision's blocks
@@ -62,9 +60,10 @@ class FIDInception(tvi.Inception3):
                   "6d": C(768, 160), "6e": C(768, 192), "7b": E(1280), "7c": E(2048)}
         for name, block in blocks.items():
             setattr(self, "Mixed_" + name, block)
-        self.Mixed_7c.pool = nn.MaxPool2d(3, stride=1, padding=1)
+        self.Mixed_7c.max_pool = True
 
     def forward(self, x):
+        """Images [N, 1 or 3, H, W] in [0, 1] or uint8 -> (pool3 features [N, 2048], logits [N, 1008])."""
         x = x.float() / 255 if x.dtype == torch.uint8 else x
         x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x  # grayscale: as PIL's convert("RGB")
         if x.min() < -1e-3 or x.max() > 1 + 1e-3:  # e.g. images in [-1, 1]: refuse rather than a wrong FID
@@ -176,15 +175,15 @@ def evaluate(fake, real, n, *, cache=None, inception_score=False, weights="downl
              device="cpu", batch_size=50) -> dict:
     """FID (and IS) of the first n images of `fake` against the first n of `real` (see features()); real statistics
     read from / written to the .npz `cache` (mu, sigma, n). Distributed: each rank passes its shares, n = their size."""
-    model = inception_v3(weights).to(device)
-    mu1, sigma1, logits = statistics(fake, model, n, batch_size, device, "FID fake", inception_score)
     total = int(_all_reduce(torch.tensor([float(n)], dtype=torch.float64))[0].item())
-    if cache is not None and os.path.exists(cache):
+    if cached := cache is not None and os.path.exists(cache):  # checked before the long pass over `fake`
         with np.load(cache) as f:
             mu2, sigma2 = f["mu"], f["sigma"]
             if "n" in f and int(f["n"]) != total:
                 raise ValueError(f"{cache} holds the statistics of {int(f['n'])} images, not {total}")
-    else:
+    model = inception_v3(weights).to(device)
+    mu1, sigma1, logits = statistics(fake, model, n, batch_size, device, "FID fake", inception_score)
+    if not cached:
         mu2, sigma2, _ = statistics(real, model, n, batch_size, device, "FID real")
         if cache is not None and _rank() <= 0:
             os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
