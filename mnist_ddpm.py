@@ -51,7 +51,7 @@ def get_args(argv=None):
     g.add_argument("--schedule", choices=["cosine", "linear"], default="cosine", help="noise schedule")
     g.add_argument("--p-uncond", type=float, default=0.1, help="probability of dropping the label")
     g = p.add_argument_group("training")
-    g.add_argument("--iters", type=int, default=3000, help="optimizer steps")
+    g.add_argument("--iters", type=int, default=2000, help="optimizer steps")
     g.add_argument("--batch-size", type=int, default=64, help="images per step per device")
     g.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate after warm-up")
     g.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up, steps")
@@ -447,7 +447,8 @@ def load_checkpoint(path, device):
 
 
 def build_model(cfg):
-    return UNet(cfg["width"], cfg["depth"], n_classes=0 if cfg["uncond"] else 10, dropout=cfg["dropout"])
+    return UNet(cfg["width"], cfg["depth"], n_classes=0 if cfg["uncond"] else len(cfg["classes"]),
+                dropout=cfg["dropout"])
 
 
 def load_weights(module, state, path):
@@ -558,11 +559,11 @@ def write_log(rec, out_dir, pbar, writer):
 def train(args, device, ddp, rank, world):
     master = rank == 0
     torch.manual_seed(args.seed + rank)
-    images, labels, classes = get_data(args)
+    images, labels, args.classes = get_data(args)  # class names go into config.json and the checkpoint
     if args.batch_size > len(images) // world:
         die(f"--batch-size {args.batch_size} is larger than the data set ({len(images) // world} images per device)")
     images = images.to(device) if args.data_on_device else images
-    n_classes, alphas_cumprod = 0 if args.uncond else len(classes), make_alphas_cumprod(vars(args), device)
+    n_classes, alphas_cumprod = 0 if args.uncond else len(args.classes), make_alphas_cumprod(vars(args), device)
     raw = build_model(vars(args)).to(device).to(memory_format=torch.channels_last)
     ema = copy.deepcopy(raw).eval().requires_grad_(False)
     opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, weight_decay=0.0, fused=device.type == "cuda")
@@ -620,13 +621,13 @@ def train(args, device, ddp, rank, world):
 
 # ----------------------------------------------------------------------------- sampling entry point
 
-def parse_labels(text, n_classes):
-    """'all', or comma-separated digits and 'uncond' (the null label, index n_classes)."""
-    names = [str(i) for i in range(n_classes)] + ["uncond"]
-    words = names if text == "all" or n_classes == 0 else [w.strip() for w in text.split(",")]
+def parse_labels(text, classes):
+    """'all', or comma-separated class names (the digits, for MNIST) and 'uncond' (the null label)."""
+    names = list(classes) + ["uncond"]
+    words = names if text == "all" or not classes else [w.strip() for w in text.split(",")]
     for w in words:
         if w not in names:
-            die(f"--labels: unknown class {w!r} (use 0-{n_classes - 1}, 'uncond' or 'all')")
+            die(f"--labels: unknown class {w!r} (use {', '.join(names)} or all)")
     return [names.index(w) for w in words]
 
 
@@ -635,9 +636,9 @@ def sample_main(args, device):
     ck = load_checkpoint(path, device)
     model = build_model(ck["config"]).to(device).eval()
     load_weights(model, ck["ema"], path)
-    n_classes = 0 if ck["config"]["uncond"] else 10
-    alphas_cumprod = make_alphas_cumprod(ck["config"], device)
-    labels = [lab for lab in parse_labels(args.labels, n_classes) for _ in range(args.n)]
+    classes = [] if ck["config"]["uncond"] else ck["config"]["classes"]
+    n_classes, alphas_cumprod = len(classes), make_alphas_cumprod(ck["config"], device)
+    labels = [lab for lab in parse_labels(args.labels, classes) for _ in range(args.n)]
     os.makedirs(args.out_dir, exist_ok=True)
     with autocast(args, device):
         if args.clip_prompt:
