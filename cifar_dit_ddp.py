@@ -8,9 +8,8 @@ classifier-free guidance, on one device or many with torchrun, then sample and e
     python cifar_dit_ddp.py --sample --labels 3,5 --cfg 2     # sample from out/cifar_dit_ddp/ckpt.pt
     torchrun --nproc_per_node=4 cifar_dit_ddp.py --eval --ckpt out/cifar_dit_ddp/best.pt --fid 5000 --is
 
-Follows seed 002, "Class-Conditioned Diffusion Model on CIFAR-10" (DiT over 4x4 patches with GQA, a
-fused time+class token, DDP, best/periodic checkpoints, loss curve with timings, FID/IS evaluation),
-with the collection's shared command line (SPEC.md).
+Follows seed 002, "Class-Conditioned Diffusion Model on CIFAR-10" (DiT, GQA, fused time+class token, DDP,
+best/periodic checkpoints, timed loss curve, FID/IS evaluation), with the shared command line (SPEC.md).
 """
 import argparse
 import copy
@@ -32,7 +31,6 @@ from PIL import Image
 from tqdm import tqdm
 
 IMAGE_SIZE, CHANNELS, EMB = 32, 3, 128  # EMB: sinusoidal/class embedding size before the seed's MLPs
-
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -114,40 +112,35 @@ def get_args(argv=None):
             die(f"{flag} is out of range (see --help)")
     return args
 
-
 def die(msg):
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
-
 # ----------------------------------------------------------------------------- data
-
 def get_data(args):
     """The whole training set as uint8 [N, 3, 32, 32] plus labels [N] and the class names."""
     if args.image_folder:
         if not os.path.isdir(args.image_folder):
             die(f"--image-folder: no such folder {args.image_folder}")
-        tf = torchvision.transforms.Compose([torchvision.transforms.Resize(IMAGE_SIZE),
-                                             torchvision.transforms.CenterCrop(IMAGE_SIZE),
-                                             torchvision.transforms.PILToTensor()])
+        T = torchvision.transforms
+        tf = T.Compose([T.Resize(IMAGE_SIZE), T.CenterCrop(IMAGE_SIZE), T.PILToTensor()])
         try:
             ds = torchvision.datasets.ImageFolder(args.image_folder, transform=tf)
         except (FileNotFoundError, RuntimeError) as e:
             die(f"--image-folder {args.image_folder}: {e}".splitlines()[0])
-        images = torch.stack([x for x, _ in ds])
-        labels, classes = torch.tensor(ds.targets), ds.classes
+        order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))  # a folder is sorted by class:
+        images = torch.stack([ds[i][0] for i in order])  # mixed once, fixed, so --limit and the hold-out see all classes
+        labels, classes = torch.tensor(ds.targets)[order], ds.classes
     else:
         try:
             ds = torchvision.datasets.CIFAR10(args.data_dir, train=True, download=True)
         except Exception as e:  # no network: say where the files go
             die(f"could not get CIFAR-10 ({type(e).__name__}); put the extracted cifar-10-batches-py folder "
                 f"(data_batch_1..5, test_batch, batches.meta) in {args.data_dir}/")
-        images, labels = torch.from_numpy(ds.data).permute(0, 3, 1, 2), torch.tensor(ds.targets)
-        classes = ds.classes
+        images, labels, classes = torch.from_numpy(ds.data).permute(0, 3, 1, 2), torch.tensor(ds.targets), ds.classes
     if args.limit:
         images, labels = images[:args.limit], labels[:args.limit]
     return images.contiguous(), labels, classes
-
 
 def batches(n, batch_size, seed, rank, world, start):
     """Index micro-batches forever, epoch after epoch; the same seed and position give the same batch."""
@@ -161,15 +154,12 @@ def batches(n, batch_size, seed, rank, world, start):
             yield idx[b * batch_size:(b + 1) * batch_size]
         epoch, skip = epoch + 1, 0
 
-
 # ----------------------------------------------------------------------------- model
-
 def timestep_embedding(t, dim):
     """Sinusoidal embedding: [sin(t * f_k), cos(t * f_k)], f_k = 10000^(-k / (dim/2 - 1))."""
     freqs = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=t.device) / (dim // 2 - 1))
     args = t.float()[:, None] * freqs[None]
     return torch.cat([args.sin(), args.cos()], dim=1)
-
 
 class GQAttention(nn.Module):
     """Grouped-query attention (Ainslie et al. 2023): `heads` query heads share `kv_heads` key/value
@@ -188,6 +178,11 @@ class GQAttention(nn.Module):
         h = F.scaled_dot_product_attention(q, k, v, enable_gqa=self.kv_heads != self.heads)
         return self.proj(h.transpose(1, 2).reshape(B, N, C))
 
+def ada_linear(dim, n):
+    """adaLN-Zero's modulation: SiLU, then a linear map to n vectors of size dim, zero at init."""
+    lin = nn.Linear(dim, n * dim)
+    nn.init.zeros_(lin.weight), nn.init.zeros_(lin.bias)
+    return nn.Sequential(nn.SiLU(), lin)
 
 class Block(nn.Module):
     """Pre-norm transformer block. adaLN-Zero (DiT): the condition c gives shift, scale and a gate for
@@ -198,18 +193,13 @@ class Block(nn.Module):
         self.norm1, self.norm2 = (nn.LayerNorm(dim, elementwise_affine=not adaln, eps=1e-6) for _ in range(2))
         self.attn = GQAttention(dim, heads, kv_heads)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim)) if adaln else None
-        if adaln:
-            nn.init.zeros_(self.ada[1].weight), nn.init.zeros_(self.ada[1].bias)
+        self.ada = ada_linear(dim, 6) if adaln else None
 
-    def forward(self, x, c):
-        if self.ada is None:
-            x = x + self.attn(self.norm1(x))
-            return x + self.mlp(self.norm2(x))
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c)[:, None].chunk(6, dim=-1)
+    def forward(self, x, c):  # without adaLN: shift 0, scale 0, gate 1 (a plain pre-norm block)
+        mod = self.ada(c)[:, None].chunk(6, dim=-1) if self.ada is not None else (0, 0, 1) * 2
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod
         x = x + gate1 * self.attn(self.norm1(x) * (1 + scale1) + shift1)
         return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
-
 
 class DiT(nn.Module):
     """Patchify (p x p patches -> tokens), learned positional embeddings, `depth` blocks, a linear head
@@ -227,10 +217,9 @@ class DiT(nn.Module):
                                        nn.Linear(400, width))
         self.blocks = nn.ModuleList([Block(width, heads, kv_heads, not self.token) for _ in range(depth)])
         self.norm = nn.LayerNorm(width, elementwise_affine=self.token, eps=1e-6)
-        self.ada = None if self.token else nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.ada = None if self.token else ada_linear(width, 2)
         self.head = nn.Linear(width, patch * patch * CHANNELS)
-        for lin in [self.head] + ([] if self.token else [self.ada[1]]):  # zero output at init (DiT)
-            nn.init.zeros_(lin.weight), nn.init.zeros_(lin.bias)
+        nn.init.zeros_(self.head.weight), nn.init.zeros_(self.head.bias)  # zero output at init (DiT)
 
     def forward(self, x, t, y):
         c = self.time_mlp(timestep_embedding(t, EMB)) + self.class_mlp(y)
@@ -247,9 +236,7 @@ class DiT(nn.Module):
         B, g, p = len(x), self.grid, self.patch
         return h.view(B, g, g, p, p, CHANNELS).permute(0, 5, 1, 3, 2, 4).reshape(B, CHANNELS, g * p, g * p)
 
-
 # ----------------------------------------------------------------------------- diffusion
-
 def make_betas(schedule, T):
     """Clamped at 0.999 so abar_T > 0 (a short linear schedule would reach beta = 1)."""
     if schedule == "linear":  # Ho et al. (the seed): 1e-4 .. 0.02 at T=1000, scaled so any T ends equally noisy
@@ -259,12 +246,10 @@ def make_betas(schedule, T):
         betas = 1 - f[1:] / f[:-1]
     return betas.clamp(max=0.999)
 
-
 def q_sample(x0, t, noise, alphas_cumprod):
     """x_t = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * eps"""
     abar = alphas_cumprod[t].view(-1, 1, 1, 1)
     return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-
 
 def p_losses(model, x0, y, alphas_cumprod, p_uncond, null, t=None, noise=None):
     """E ||eps - eps_theta(x_t, t, y)||^2, y replaced by the null class with probability p_uncond. t, noise
@@ -275,9 +260,7 @@ def p_losses(model, x0, y, alphas_cumprod, p_uncond, null, t=None, noise=None):
     y = torch.where(torch.rand(B).to(dev) < p_uncond, torch.full_like(y, null), y)
     return F.mse_loss(model(q_sample(x0, t, noise, alphas_cumprod), t, y).float(), noise)
 
-
 # ----------------------------------------------------------------------------- sampling
-
 def cfg_denoiser(model, y, w, null):
     """eps(x, t) with classifier-free guidance: eps = eps_u + w * (eps_c - eps_u) (SPEC's convention:
     w=0 unconditional, w=1 conditional), both halves in one doubled batch."""
@@ -292,10 +275,8 @@ def cfg_denoiser(model, y, w, null):
         return eps_u + w * (eps_c - eps_u)
     return eps_fn
 
-
 def sample_timesteps(T, steps):
     return torch.linspace(T - 1, 0, steps).round().long().tolist()
-
 
 def ddim_sample(eps_fn, x, alphas_cumprod, steps, eta, generator=None, path=None):
     """DDIM (Song et al.) from x_T on `steps` timesteps. With eta=1 on all T steps this is exactly DDPM's
@@ -315,7 +296,6 @@ def ddim_sample(eps_fn, x, alphas_cumprod, steps, eta, generator=None, path=None
         if path is not None:
             path.append(x.cpu())
     return x
-
 
 def dpmpp_sample(eps_fn, x, alphas_cumprod, steps, path=None):
     """DPM-Solver++(2M) (Lu et al. 2022) in data prediction, lambda = log(alpha / sigma); the last step,
@@ -340,7 +320,6 @@ def dpmpp_sample(eps_fn, x, alphas_cumprod, steps, path=None):
             path.append(x.cpu())
     return x
 
-
 def sample(eps_fn, x, alphas_cumprod, args, generator=None, path=None):
     T, K = len(alphas_cumprod), min(args.sample_steps, len(alphas_cumprod))
     if args.sampler == "ddpm":
@@ -348,7 +327,6 @@ def sample(eps_fn, x, alphas_cumprod, args, generator=None, path=None):
     if args.sampler == "ddim":
         return ddim_sample(eps_fn, x, alphas_cumprod, K, args.eta, generator, path)
     return dpmpp_sample(eps_fn, x, alphas_cumprod, K, path)
-
 
 @torch.no_grad()
 def generate(model, alphas_cumprod, labels, args, n_classes, seed=0, path=None):
@@ -359,16 +337,13 @@ def generate(model, alphas_cumprod, labels, args, n_classes, seed=0, path=None):
     eps_fn = cfg_denoiser(model, torch.tensor(labels, device=device), args.cfg, n_classes)
     return sample(eps_fn, x, alphas_cumprod, args, g, path).clamp(-1, 1)
 
-
 def save_grid(x, path, nrow):
     torchvision.utils.save_image(x * 0.5 + 0.5, path, nrow=nrow, padding=1, pad_value=1.0)
-
 
 def path_figure(path, rows, out):
     """The seed's timestep grid: a row per chosen sample, 10 columns from noise to image."""
     cols = torch.linspace(0, len(path) - 1, min(len(path), 10)).round().long().tolist()
     save_grid(torch.stack([path[c][rows] for c in cols], 1).flatten(0, 1).clamp(-1, 1), out, len(cols))
-
 
 def save_gif(path, out, nrow):
     frames = torch.linspace(0, len(path) - 1, min(len(path), 50)).round().long().tolist()
@@ -377,16 +352,6 @@ def save_gif(path, out, nrow):
         grid = torchvision.utils.make_grid(path[f].clamp(-1, 1) * 0.5 + 0.5, nrow=nrow, padding=1)
         imgs.append(Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy()))
     imgs[0].save(out, save_all=True, append_images=imgs[1:], duration=80, loop=0)
-
-
-def final_figures(model, alphas_cumprod, args, n_classes, out_dir):
-    """sample_grid.png (10 per class, a row each) and timestep_grid.png (one sample per class denoising)."""
-    trace = []
-    grid = generate(model, alphas_cumprod, [c for c in range(n_classes) for _ in range(10)], args, n_classes,
-                    args.seed, trace)
-    save_grid(grid, os.path.join(out_dir, "sample_grid.png"), 10)
-    path_figure(trace, list(range(0, len(grid), 10)), os.path.join(out_dir, "timestep_grid.png"))
-
 
 @torch.no_grad()
 def reconstruct(model, x0, y, alphas_cumprod, t0, out):
@@ -399,9 +364,7 @@ def reconstruct(model, x0, y, alphas_cumprod, t0, out):
     save_grid(torch.cat([x0, xt.clamp(-1, 1), rec]), out, len(x0))
     return F.mse_loss(rec, x0).item()
 
-
 # ----------------------------------------------------------------------------- EMA, checkpoints, FID
-
 @torch.no_grad()
 def update_ema(ema, model, decay):
     for pe, p in zip(ema.parameters(), model.parameters()):
@@ -409,13 +372,11 @@ def update_ema(ema, model, decay):
     for be, b in zip(ema.buffers(), model.buffers()):
         be.copy_(b)
 
-
 def save_checkpoint(path, state):
     """Write to a temporary file in the same folder, then rename: a crash never leaves a broken file."""
     tmp = f"{path}.tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)
-
 
 def load_checkpoint(path, device):
     if not os.path.isfile(path):
@@ -425,10 +386,8 @@ def load_checkpoint(path, device):
     except Exception as e:
         die(f"{path} is not a readable checkpoint ({type(e).__name__})")
 
-
 def build_model(cfg, n_classes=10):
     return DiT(cfg["width"], cfg["depth"], cfg["heads"], cfg["kv_heads"], cfg["patch"], cfg["cond"], n_classes)
-
 
 def load_weights(module, state, path):
     try:
@@ -437,6 +396,8 @@ def load_weights(module, state, path):
         die(f"checkpoint {path} does not match this model (check --width, --depth, --heads, --kv-heads, "
             f"--patch, --cond)")
 
+def make_alphas_cumprod(cfg, device):
+    return torch.cumprod(1 - make_betas(cfg["schedule"], cfg["steps"]), 0).float().to(device)
 
 def run_fid(args, model, alphas_cumprod, n_classes, ckpt, rank, world):
     """FID (and IS) of args.fid class-balanced samples against the training images; each rank makes and
@@ -445,29 +406,23 @@ def run_fid(args, model, alphas_cumprod, n_classes, ckpt, rank, world):
     images, _, _ = get_data(args)
     if args.fid > len(images):
         die(f"--fid {args.fid} is more than the {len(images)} real images")
-    mine = list(range(rank, args.fid, world))
-    real = (images[mine[i:i + 250]].float() / 255 for i in range(0, len(mine), 250))
-    fake = ((generate(model, alphas_cumprod, [j % n_classes for j in mine[i:i + 250]], args, n_classes,
-                      seed=args.seed + i + 1) + 1) / 2 for i in range(0, len(mine), 250))
-    src = "folder" if args.image_folder else "cifar10-train"
-    cache = os.path.join(args.data_dir, f"fid_stats_{src}_{IMAGE_SIZE}_{args.fid}.npz")
-    res = fid.evaluate(fake, real, len(mine), cache=None if args.image_folder or args.limit else cache,
+    chunks = [c.tolist() for c in torch.arange(rank, args.fid, world).split(250)]  # this rank's sample indices
+    real = (images[c].float() / 255 for c in chunks)
+    fake = ((generate(model, alphas_cumprod, [j % n_classes for j in c], args, n_classes, seed=args.seed + 1 + c[0])
+             + 1) / 2 for c in chunks)
+    cache = None if args.image_folder or args.limit else os.path.join(args.data_dir, f"fid_stats_cifar10_{args.fid}.npz")
+    res = fid.evaluate(fake, real, sum(map(len, chunks)), cache=cache,
                        inception_score=args.inception, weights=args.fid_weights, device=alphas_cumprod.device)
-    if rank == 0:
-        res.update(sampler=args.sampler, sample_steps=args.sample_steps, cfg=args.cfg, real=src)
-        json.dump(res, open(os.path.join(args.out_dir, "fid.json"), "w"), indent=2)
-        seed_keys = dict(num_samples=res["n"], checkpoint=ckpt, fid_score=res["fid"],
-                         inception_score_mean=res["inception_score_mean"],
-                         inception_score_std=res["inception_score_std"])
-        json.dump(seed_keys, open(os.path.join(args.out_dir, "evaluation_results.json"), "w"), indent=2)
+    if rank == 0:  # the seed's keys (the issue's choice over SPEC's fid.json)
+        res = dict(num_samples=res["n"], checkpoint=ckpt, fid_score=res["fid"], **{
+            k: res[k] for k in ("inception_score_mean", "inception_score_std")})
+        json.dump(res, open(os.path.join(args.out_dir, "evaluation_results.json"), "w"), indent=2)
         fake = generate(model, alphas_cumprod, [j % n_classes for j in range(50)], args, n_classes)
         save_grid(torch.cat([images[:50].float().to(fake.device) / 127.5 - 1, fake]),
                   os.path.join(args.out_dir, "real_vs_fake.png"), 10)
-        print(f"FID {res['fid']:.2f} from {res['n']} samples -> {args.out_dir}/evaluation_results.json")
-
+        print(f"FID {res['fid_score']:.2f} from {res['num_samples']} samples -> {args.out_dir}/evaluation_results.json")
 
 # ----------------------------------------------------------------------------- training
-
 def setup(args):
     """Device and DistributedDataParallel: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE (on any node)."""
     ddp = "RANK" in os.environ
@@ -483,30 +438,85 @@ def setup(args):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return torch.device(name), ddp, rank, world
 
-
 def autocast(args, device):
     bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
     return torch.autocast(device.type, torch.bfloat16) if bf16 else nullcontext()
 
-
 @torch.no_grad()
-def val_loss(model, val, alphas_cumprod, args, null, rank, world, device):
-    """Loss of the held-out images on timesteps and noise fixed by seed 0, so calls are comparable;
-    each rank takes every world-th chunk of 100 and the sums are all-reduced."""
-    x0, y = val
+def val_loss(model, val, alphas_cumprod, args, null, device):
+    """Loss of the held-out images on timesteps and noise fixed by seed 0, so calls are comparable (each
+    rank computes the same number on the whole, small, held-out set: no communication)."""
+    x0, y = val[0].to(device).float() / 127.5 - 1, val[1].to(device)
     g = torch.Generator().manual_seed(0)
     t, noise = torch.randint(0, len(alphas_cumprod), (len(x0),), generator=g), torch.randn(x0.shape, generator=g)
-    total = torch.zeros(2, device=device)
-    for i in range(rank * 100, len(x0), 100 * world):
-        s = slice(i, i + 100)
-        with autocast(args, device):
-            loss = p_losses(model, x0[s].to(device).float() / 127.5 - 1, y[s].to(device), alphas_cumprod, 0.0,
-                            null, t[s].to(device), noise[s].to(device))
-        total += torch.stack([loss * len(t[s]), torch.tensor(float(len(t[s])), device=device)])
-    if world > 1:
-        dist.all_reduce(total)
-    return (total[0] / total[1]).item()
+    chunks = zip(*(a.split(250) for a in (x0, y, t.to(device), noise.to(device))))
+    with autocast(args, device):
+        return sum(p_losses(model, xb, yb, alphas_cumprod, 0.0, null, tb, nb).item() * len(xb)
+                   for xb, yb, tb, nb in chunks) / len(x0)
 
+def resume(path, raw, ema, opt, device, rank, world):
+    """Weights, EMA, optimizer, step, best validation loss and this rank's RNG state."""
+    ck = load_checkpoint(path, device)
+    load_weights(raw, ck["model"], path)
+    load_weights(ema, ck["ema"], path)
+    opt.load_state_dict(ck["opt"])
+    torch.set_rng_state(ck["rng"][rank if len(ck["rng"]) == world else 0].cpu())
+    return ck["step"], ck["best_val"]
+
+def save_run(args, state, ddp, world, master, improved, periodic):
+    """ckpt.pt, best.pt when the validation loss improved, ckpt_<step>.pt every --save-every epochs."""
+    rng = [torch.get_rng_state()] * world
+    if ddp:  # every rank's RNG state (a collective), so each rank's random stream resumes where it was
+        dist.all_gather_object(rng, torch.get_rng_state())
+    if not master:
+        return
+    state["rng"] = rng
+    names = ["ckpt.pt"] + ["best.pt"] * improved + [f"ckpt_{state['step']}.pt"] * periodic
+    for name in names:
+        save_checkpoint(os.path.join(args.out_dir, name), state)
+    kept = sorted(int(f[5:-3]) for f in os.listdir(args.out_dir) if f.startswith("ckpt_") and f.endswith(".pt"))
+    for s in kept[:-args.keep] if args.keep else []:
+        os.remove(os.path.join(args.out_dir, f"ckpt_{s}.pt"))
+
+def start_run(args, raw, n_train, n_val, world, per_epoch, device):
+    """Rank 0: the output folder, config.json, the TensorBoard writer and the run's first line."""
+    os.makedirs(args.out_dir, exist_ok=True)
+    json.dump(vars(args), open(os.path.join(args.out_dir, "config.json"), "w"), indent=2)
+    print(f"{sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, {n_train} train + {n_val} validation "
+          f"images, global batch {args.batch_size * world * args.accum} ({args.batch_size} x {world} devices x "
+          f"{args.accum} accumulated), {per_epoch} steps/epoch, device {device}")
+    if not args.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        die("--tensorboard needs the tensorboard package: pip install tensorboard")
+    return SummaryWriter(os.path.join(args.out_dir, "tb"))
+
+def write_log(rec, out_dir, writer):
+    with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    for k in ("loss", "lr", "img_per_s", "val_loss") if writer else ():
+        if rec.get(k) is not None:
+            writer.add_scalar(k, rec[k], rec["step"])
+
+def train_step(model, wrapped, opt, idx, images, labels, alphas_cumprod, args, n_classes, ddp, device):
+    """One optimizer step over --accum micro-batches; gradients are all-reduced only on the last."""
+    opt.zero_grad(set_to_none=True)
+    total = 0.0
+    for micro, i in enumerate(idx):
+        x0 = images[i].to(device, non_blocking=True).float() / 127.5 - 1
+        flip = (torch.rand(len(i)) < 0.5).to(device)  # horizontal flips from the saved CPU generator
+        x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
+        with wrapped.no_sync() if ddp and micro + 1 < len(idx) else nullcontext():
+            with autocast(args, device):
+                loss = p_losses(model, x0, labels[i].to(device), alphas_cumprod, args.p_uncond, n_classes)
+            (loss / len(idx)).backward()
+        total = total + loss.detach() / len(idx)
+    if args.grad_clip:
+        torch.nn.utils.clip_grad_norm_(wrapped.parameters(), args.grad_clip)
+    opt.step()
+    return total
 
 def train(args, device, ddp, rank, world):
     master = rank == 0
@@ -515,113 +525,77 @@ def train(args, device, ddp, rank, world):
     n_classes, n_val = len(classes), min(args.val_size, len(images) // 10)
     val = images[len(images) - n_val:], labels[len(images) - n_val:]  # held out: the last n_val images
     images, labels = images[:len(images) - n_val], labels[:len(images) - n_val]
-    alphas_cumprod = torch.cumprod(1 - make_betas(args.schedule, args.steps), 0).float().to(device)
-    images = images.to(device) if args.data_on_device else images
-    raw = build_model(vars(args), n_classes).to(device)
-    ema = copy.deepcopy(raw).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, weight_decay=0.0, fused=device.type == "cuda")
-    ckpt_path, step, best = os.path.join(args.out_dir, "ckpt.pt"), 0, float("inf")
-    if args.resume:
-        ck = load_checkpoint(ckpt_path, device)
-        load_weights(raw, ck["model"], ckpt_path)
-        load_weights(ema, ck["ema"], ckpt_path)
-        opt.load_state_dict(ck["opt"])
-        step, best = ck["step"], ck["best_val"]
-        torch.set_rng_state(ck["rng"][rank].cpu() if len(ck["rng"]) == world else ck["rng"][0].cpu())
-    wrapped = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw
-    model = torch.compile(wrapped) if args.compile else wrapped
     per_epoch = len(images) // world // args.batch_size // args.accum  # optimizer steps per epoch
     if per_epoch == 0:
         die(f"--batch-size {args.batch_size} x --accum {args.accum} is more than the {len(images) // world} "
             f"training images per device")
-    total = args.iters or args.epochs * per_epoch
-    writer, log = None, None
-    if master:
-        os.makedirs(args.out_dir, exist_ok=True)
-        json.dump(vars(args), open(os.path.join(args.out_dir, "config.json"), "w"), indent=2)
-        writer = tensorboard_writer(args)
-        log = open(os.path.join(args.out_dir, "log.jsonl"), "a")
-        print(f"{sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, {len(images)} train + {n_val} "
-              f"validation images, global batch {args.batch_size * world * args.accum} ({args.batch_size} x "
-              f"{world} devices x {args.accum} accumulated), {per_epoch} steps/epoch, device {device}")
+    images = images.to(device) if args.data_on_device else images
+    alphas_cumprod = make_alphas_cumprod(vars(args), device)
+    raw = build_model(vars(args), n_classes).to(device)
+    ema = copy.deepcopy(raw).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, weight_decay=0.0, fused=device.type == "cuda")
+    step, best = (resume(os.path.join(args.out_dir, "ckpt.pt"), raw, ema, opt, device, rank, world)
+                  if args.resume else (0, float("inf")))
+    wrapped = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw
+    model = torch.compile(wrapped) if args.compile else wrapped
+    writer = start_run(args, raw, len(images), n_val, world, per_epoch, device) if master else None
     stream = batches(len(images), args.batch_size, args.seed, rank, world, step * args.accum)
-    loss_sum, n_loss, t0, t_log, t_epoch = torch.zeros((), device=device), 0, time.time(), time.time(), time.time()
-    mean_loss, pbar = float("nan"), tqdm(range(step, total), initial=step, total=total, disable=not master)
+    total, losses, t0, t_log, t_epoch = args.iters or args.epochs * per_epoch, [], time.time(), time.time(), time.time()
+    pbar = tqdm(range(step, total), initial=step, total=total, disable=not master)
     for step in pbar:
         lr = args.lr * min(1.0, (step + 1) / args.warmup)
         for group in opt.param_groups:
             group["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        for micro in range(args.accum):  # all-reduce the gradients only on the last micro-batch
-            idx = next(stream)
-            x0 = images[idx].to(device, non_blocking=True).float() / 127.5 - 1
-            flip = (torch.rand(len(idx)) < 0.5).to(device)  # horizontal flips from the saved CPU generator
-            x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
-            with wrapped.no_sync() if ddp and micro + 1 < args.accum else nullcontext():
-                with autocast(args, device):
-                    loss = p_losses(model, x0, labels[idx].to(device), alphas_cumprod, args.p_uncond, n_classes)
-                (loss / args.accum).backward()
-            loss_sum += loss.detach() / args.accum
-        if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
-        opt.step()
+        idx = [next(stream) for _ in range(args.accum)]
+        losses.append(train_step(model, wrapped, opt, idx, images, labels, alphas_cumprod, args, n_classes, ddp,
+                                 device))
         update_ema(ema, raw, min(args.ema, (1 + step) / (10 + step)))
-        n_loss, done = n_loss + 1, step + 1
+        done = step + 1
         epoch_end, last = done % per_epoch == 0, done == total
         if done % args.log_every == 0 or epoch_end or last:
+            mean_loss = torch.stack(losses).mean()
             if ddp:
-                dist.all_reduce(loss_sum)
-            mean_loss = loss_sum.item() / n_loss / world  # averaged over steps and ranks
-            if not math.isfinite(mean_loss):  # stop before anything is saved; ckpt.pt stays the last good one
-                sys.exit(f"loss is {mean_loss} at step {done}; stopped, {ckpt_path} left as it was")
-            ips = n_loss * args.batch_size * world * args.accum / (time.time() - t_log)
-            rec = dict(step=done, loss=mean_loss, lr=lr, img_per_s=ips, elapsed=time.time() - t0)
-            loss_sum, n_loss, t_log = torch.zeros((), device=device), 0, time.time()
+                dist.all_reduce(mean_loss)
+            rec = dict(step=done, loss=mean_loss.item() / world, lr=lr, elapsed=time.time() - t0,
+                       img_per_s=len(losses) * args.batch_size * world * args.accum / (time.time() - t_log))
+            if not math.isfinite(rec["loss"]):  # stop before anything is saved: ckpt.pt stays the last good one
+                sys.exit(f"loss is {rec['loss']} at step {done}; stopped, the last good ckpt.pt is kept")
+            losses, t_log = [], time.time()
             if master:
-                pbar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.0f}")
-                log_record(log, writer, rec)
+                pbar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
+                write_log(rec, args.out_dir, writer)
         improved = False
-        if epoch_end or last:
-            vl = val_loss(ema, val, alphas_cumprod, args, n_classes, rank, world, device) if n_val else None
+        if epoch_end or last:  # validation loss of the EMA model, the epoch's time
+            vl = val_loss(ema, val, alphas_cumprod, args, n_classes, device) if n_val else None
             improved, best = vl is not None and vl < best, min(best, vl if vl is not None else best)
             if master:
-                log_record(log, writer, dict(step=done, epoch=math.ceil(done / per_epoch), val_loss=vl,
-                                             epoch_time=time.time() - t_epoch, elapsed=time.time() - t0))
+                write_log(dict(step=done, epoch=math.ceil(done / per_epoch), val_loss=vl,
+                               epoch_time=time.time() - t_epoch, elapsed=time.time() - t0), args.out_dir, writer)
             t_epoch = time.time()
         if done % args.ckpt_every == 0 or epoch_end or last:
-            rng = gather_rng(ddp, world)  # a collective: every rank takes part
-            if master:
-                state = dict(model=raw.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=done,
-                             config=vars(args), classes=classes, best_val=best, rng=rng)
-                save_checkpoint(ckpt_path, state)
-                if improved:
-                    save_checkpoint(os.path.join(args.out_dir, "best.pt"), state)
-                if args.save_every and epoch_end and done % (args.save_every * per_epoch) == 0:
-                    save_checkpoint(os.path.join(args.out_dir, f"ckpt_{done}.pt"), state)
-                    prune_checkpoints(args.out_dir, args.keep)
+            state = dict(model=raw.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=done,
+                         config=vars(args), classes=classes, best_val=best)
+            periodic = args.save_every and epoch_end and done % (args.save_every * per_epoch) == 0
+            save_run(args, state, ddp, world, master, improved, periodic)
         if master and (done % args.sample_every == 0 or last):
+            trace = [] if last else None
             grid = generate(ema, alphas_cumprod, [c for c in range(n_classes + 1) for _ in range(10)], args,
-                            n_classes, args.seed)
+                            n_classes, args.seed, trace)
             save_grid(grid, os.path.join(args.out_dir, f"samples_{done}.png"), 10)
             if writer:
                 writer.add_image("samples", torchvision.utils.make_grid(grid * 0.5 + 0.5, nrow=10), done)
     if master:
-        finish(args, ema, alphas_cumprod, images, labels, n_classes, mean_loss, best, device)
+        finish(args, ema, alphas_cumprod, images, labels, grid, trace, rec["loss"], best, device)
     return ema, alphas_cumprod, n_classes, classes
 
-
-def log_record(log, writer, rec):
-    log.write(json.dumps(rec) + "\n")
-    log.flush()
-    for k in ("loss", "lr", "img_per_s", "val_loss"):
-        if writer and rec.get(k) is not None:
-            writer.add_scalar(k, rec[k], rec["step"])
-
-
-def finish(args, ema, alphas_cumprod, images, labels, n_classes, loss, best, device):
-    """The seed's end-of-training outputs, then the summary line with the training time."""
-    final_figures(ema, alphas_cumprod, args, n_classes, args.out_dir)
-    first = [int((labels == c).nonzero()[0]) for c in range(n_classes) if (labels == c).any()]
+def finish(args, ema, alphas_cumprod, images, labels, grid, trace, loss, best, device):
+    """The seed's figures from the last sample grid (sample_grid.png: 10 per class, a row each, without the
+    unconditional row; timestep_grid.png: one sample per class denoising), reconstruction.png, the loss
+    curve, and the summary line with the training time."""
+    n = len(grid) - 10
+    save_grid(grid[:n], os.path.join(args.out_dir, "sample_grid.png"), 10)
+    path_figure(trace, list(range(0, n, 10)), os.path.join(args.out_dir, "timestep_grid.png"))
+    first = [int((labels == c).nonzero()[0]) for c in range(n // 10) if (labels == c).any()]
     x0 = images[first].to(device).float() / 127.5 - 1
     rec = reconstruct(ema, x0, labels[first].to(device), alphas_cumprod, args.recon_t,
                       os.path.join(args.out_dir, "reconstruction.png"))
@@ -632,7 +606,6 @@ def finish(args, ema, alphas_cumprod, images, labels, n_classes, loss, best, dev
                                   f"({len(times)} epochs)")
     print(f"done: {recs[-1]['step']} steps in {total:.0f}s ({total / len(times):.1f}s per epoch), loss {loss:.4f}, "
           f"best validation loss {best:.4f}, reconstruction MSE at t={args.recon_t} {rec:.4f} -> {args.out_dir}")
-
 
 def plot_loss(out_dir, recs, title):
     try:
@@ -651,48 +624,16 @@ def plot_loss(out_dir, recs, title):
     fig.savefig(os.path.join(out_dir, "training_loss.png"), dpi=100, bbox_inches="tight")
     plt.close(fig)
 
-
-def gather_rng(ddp, world):
-    """Every rank's torch RNG state, so a resumed run continues each rank's random stream."""
-    state = torch.get_rng_state()
-    if not ddp:
-        return [state]
-    states = [None] * world
-    dist.all_gather_object(states, state)
-    return states
-
-
-def prune_checkpoints(out_dir, keep):
-    steps = sorted(int(f[5:-3]) for f in os.listdir(out_dir) if f.startswith("ckpt_") and f.endswith(".pt"))
-    for s in steps[:-keep] if keep else []:
-        os.remove(os.path.join(out_dir, f"ckpt_{s}.pt"))
-
-
-def tensorboard_writer(args):
-    if not args.tensorboard:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        die("--tensorboard needs the tensorboard package: pip install tensorboard")
-    return SummaryWriter(os.path.join(args.out_dir, "tb"))
-
-
 # ----------------------------------------------------------------------------- sampling entry point
-
 def parse_labels(text, classes):
+    """'all', or comma-separated class indices or names and 'uncond' (the null class, index len(classes))."""
+    names = [str(i) for i in range(len(classes))] + ["uncond"]
     if text == "all":
-        return list(range(len(classes) + 1))
-    out = []
-    for s in (s.strip() for s in text.split(",")):
-        if s == "uncond":
-            out.append(len(classes))
-        elif s in classes or (s.isdigit() and int(s) < len(classes)):
-            out.append(classes.index(s) if s in classes else int(s))
-        else:
-            die(f"--labels: unknown class {s!r} (use 0-{len(classes) - 1}, a class name, 'uncond' or 'all')")
+        return list(range(len(names)))
+    out = [names.index(s) if s in names else classes.index(s) if s in classes else -1 for s in text.split(",")]
+    if -1 in out:
+        die(f"--labels: unknown class in {text!r} (use 0-{len(classes) - 1}, a class name, 'uncond' or 'all')")
     return out
-
 
 def load_ema(args, device):
     """The EMA model of --ckpt, built from the checkpoint's own config."""
@@ -701,9 +642,7 @@ def load_ema(args, device):
     cfg, classes = ck["config"], ck["classes"]
     model = build_model(cfg, len(classes)).to(device).eval()
     load_weights(model, ck["ema"], path)
-    alphas_cumprod = torch.cumprod(1 - make_betas(cfg["schedule"], cfg["steps"]), 0).float().to(device)
-    return model, alphas_cumprod, classes, path
-
+    return model, make_alphas_cumprod(cfg, device), classes, path
 
 def sample_main(args, device, model, alphas_cumprod, classes):
     labels = [lab for lab in parse_labels(args.labels, classes) for _ in range(args.n)]
@@ -715,7 +654,6 @@ def sample_main(args, device, model, alphas_cumprod, classes):
     if args.gif:
         save_gif(trace, os.path.join(args.out_dir, "denoise.gif"), args.n)
     print(f"wrote {len(x)} samples to {args.out_dir}/samples.png")
-
 
 def main(argv=None):
     args = get_args(argv)
@@ -733,7 +671,6 @@ def main(argv=None):
             run_fid(args, model, alphas_cumprod, len(classes), path, rank, world)
     if ddp:
         dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     main()
