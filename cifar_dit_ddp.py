@@ -132,11 +132,16 @@ def get_data(args):
         images = torch.stack([ds[i][0] for i in order])  # mixed once, fixed, so --limit and the hold-out see all classes
         labels, classes = torch.tensor(ds.targets)[order], ds.classes
     else:
+        wait = dist.is_initialized() and int(os.environ.get("LOCAL_RANK", 0)) > 0  # one download per machine:
+        if wait:  # the other ranks wait for local rank 0 (which reaches the barrier after its download)
+            dist.barrier()
         try:
             ds = torchvision.datasets.CIFAR10(args.data_dir, train=True, download=True)
         except Exception as e:  # no network: say where the files go
             die(f"could not get CIFAR-10 ({type(e).__name__}); put the extracted cifar-10-batches-py folder "
                 f"(data_batch_1..5, test_batch, batches.meta) in {args.data_dir}/")
+        if dist.is_initialized() and not wait:
+            dist.barrier()
         images, labels, classes = torch.from_numpy(ds.data).permute(0, 3, 1, 2), torch.tensor(ds.targets), ds.classes
     if args.limit:
         images, labels = images[:args.limit], labels[:args.limit]
@@ -577,34 +582,41 @@ def train(args, device, ddp, rank, world):
                          config=vars(args), classes=classes, best_val=best)
             periodic = args.save_every and epoch_end and done % (args.save_every * per_epoch) == 0
             save_run(args, state, ddp, world, master, improved, periodic)
-        if master and (done % args.sample_every == 0 or last):
-            trace = [] if last else None
-            grid = generate(ema, alphas_cumprod, [c for c in range(n_classes + 1) for _ in range(10)], args,
-                            n_classes, args.seed, trace)
-            save_grid(grid, os.path.join(args.out_dir, f"samples_{done}.png"), 10)
-            if writer:
-                writer.add_image("samples", torchvision.utils.make_grid(grid * 0.5 + 0.5, nrow=10), done)
+        if master and done % args.sample_every == 0 and not last:
+            sample_figure(ema, alphas_cumprod, args, n_classes, done, writer)
     if master:
-        finish(args, ema, alphas_cumprod, images, labels, grid, trace, rec["loss"], best, device)
+        finish(args, ema, alphas_cumprod, images, labels, n_classes, total, best, writer, device)
     return ema, alphas_cumprod, n_classes, classes
 
-def finish(args, ema, alphas_cumprod, images, labels, grid, trace, loss, best, device):
-    """The seed's figures from the last sample grid (sample_grid.png: 10 per class, a row each, without the
-    unconditional row; timestep_grid.png: one sample per class denoising), reconstruction.png, the loss
-    curve, and the summary line with the training time."""
+def sample_figure(ema, alphas_cumprod, args, n_classes, step, writer, trace=None):
+    """samples_<step>.png: a row per class and an unconditional row, 10 fixed seeds each."""
+    grid = generate(ema, alphas_cumprod, [c for c in range(n_classes + 1) for _ in range(10)], args, n_classes,
+                    args.seed, trace)
+    save_grid(grid, os.path.join(args.out_dir, f"samples_{step}.png"), 10)
+    if writer:
+        writer.add_image("samples", torchvision.utils.make_grid(grid * 0.5 + 0.5, nrow=10), step)
+    return grid
+
+def finish(args, ema, alphas_cumprod, images, labels, n_classes, step, best, writer, device):
+    """The last samples_<step>.png and from it the seed's figures (sample_grid.png: its class rows;
+    timestep_grid.png: one sample per class denoising), reconstruction.png, the loss curve, and the
+    summary line with the training time."""
+    trace = []
+    grid = sample_figure(ema, alphas_cumprod, args, n_classes, step, writer, trace)
     n = len(grid) - 10
     save_grid(grid[:n], os.path.join(args.out_dir, "sample_grid.png"), 10)
     path_figure(trace, list(range(0, n, 10)), os.path.join(args.out_dir, "timestep_grid.png"))
-    first = [int((labels == c).nonzero()[0]) for c in range(n // 10) if (labels == c).any()]
+    first = [int((labels == c).nonzero()[0]) for c in range(n_classes) if (labels == c).any()]
     x0 = images[first].to(device).float() / 127.5 - 1
     rec = reconstruct(ema, x0, labels[first].to(device), alphas_cumprod, args.recon_t,
                       os.path.join(args.out_dir, "reconstruction.png"))
     recs = [json.loads(line) for line in open(os.path.join(args.out_dir, "log.jsonl"))]
     times = [r["epoch_time"] for r in recs if "epoch_time" in r]  # over all resumed parts of the run
-    total = sum(times)
-    plot_loss(args.out_dir, recs, f"training {total / 60:.1f} min, {total / len(times):.1f} s/epoch "
+    total, n_ep = sum(times), max(len(times), 1)
+    plot_loss(args.out_dir, recs, f"training {total / 60:.1f} min, {total / n_ep:.1f} s/epoch "
                                   f"({len(times)} epochs)")
-    print(f"done: {recs[-1]['step']} steps in {total:.0f}s ({total / len(times):.1f}s per epoch), loss {loss:.4f}, "
+    loss = [r["loss"] for r in recs if "loss" in r][-1]
+    print(f"done: {step} steps in {total:.0f}s ({total / n_ep:.1f}s per epoch), loss {loss:.4f}, "
           f"best validation loss {best:.4f}, reconstruction MSE at t={args.recon_t} {rec:.4f} -> {args.out_dir}")
 
 def plot_loss(out_dir, recs, title):
