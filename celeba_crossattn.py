@@ -48,7 +48,6 @@ def get_args(argv=None):
     g.add_argument("--size", type=int, default=None, help="image side in px (default 64 celeba, 32 else)")
     g.add_argument("--limit", type=int, default=0, help="use only the first N training images (0: all)")
     g.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
-    g.add_argument("--data-on-device", action="store_true", help="cifar10/mnist: keep the uint8 set on the GPU")
     g = p.add_argument_group("model")
     g.add_argument("--width", type=int, default=64, help="base channels of the U-Net (levels x1,x2,x2,x4)")
     g.add_argument("--depth", type=int, default=2, help="residual blocks per level (seed: 2)")
@@ -79,8 +78,7 @@ def get_args(argv=None):
     g.add_argument("--toggle", default=TOGGLE, help="celeba: attributes flipped one per row in toggles.png")
     g.add_argument("--labels", default="all", help="cifar10/mnist: class indices, 'uncond', or 'all'")
     g.add_argument("--n", type=int, default=8, help="samples per row with --sample")
-    g.add_argument("--cfg", "--guidance_scale", type=float, default=2.0,
-                   help="guidance W: eps_u + W*(eps_c - eps_u); 0 uncond, 1 cond")
+    g.add_argument("--cfg", "--guidance_scale", type=float, default=2.0, help="W: eps_u + W*(eps_c - eps_u)")
     g.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], default="ddim", help="reverse process")
     g.add_argument("--sample-steps", type=int, default=50, help="steps K of ddim/dpmpp (ddpm uses T)")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 ancestral")
@@ -90,8 +88,7 @@ def get_args(argv=None):
     g = p.add_argument_group("system")
     g.add_argument("--out-dir", default="out/celeba_crossattn", help="where everything is written")
     g.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
-    g.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="autocast dtype; auto is bf16 on CUDA, fp32 elsewhere")
+    g.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on CUDA, else fp32")
     g.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
     g.add_argument("--tensorboard", action="store_true", help="also log to <out-dir>/tb")
     g.add_argument("--config", default=None, help="a run's config.json to use as defaults")
@@ -116,15 +113,12 @@ def die(msg):
 # ----------------------------------------------------------------------------- data
 
 class Images(Dataset):
-    """(uint8 [C, size, size] image, condition vector) pairs from files, resized and center-cropped, or memory."""
-
+    """(uint8 [C, size, size] image, condition vector) pairs from files (resized, center-cropped) or memory."""
     def __init__(self, conds, size, files=None, images=None):
         self.conds, self.files, self.images = conds, files, images
         self.tf = T.Compose([T.Resize(size), T.CenterCrop(size), T.PILToTensor()])
-
     def __len__(self):
         return len(self.conds)
-
     def __getitem__(self, i):
         if self.images is not None:
             return self.images[i], self.conds[i]
@@ -139,30 +133,30 @@ def read_attr_file(path):
         die(f"cannot read attribute file {path} ({type(e).__name__})")
     if len(lines) < 2 or len(lines[0]) != 1 or not lines[0][0].isdigit() or int(lines[0][0]) != len(lines) - 2:
         die(f"{path}: malformed attribute file (line 1 must be the number of image rows that follow line 2)")
-    names = lines[1]
     for i, row in enumerate(lines[2:]):
-        if len(row) != len(names) + 1 or not set(row[1:]) <= {"1", "-1"}:
-            die(f"{path}: malformed attribute file at row {i + 3} (want a file name and {len(names)} values 1/-1)")
-    return names, [r[0] for r in lines[2:]], torch.tensor([[v == "1" for v in r[1:]] for r in lines[2:]]).float()
+        if len(row) != len(lines[1]) + 1 or not set(row[1:]) <= {"1", "-1"}:
+            die(f"{path}: malformed attribute file at row {i + 3} (want a file name and {len(lines[1])} values 1/-1)")
+    return lines[1], [r[0] for r in lines[2:]], torch.tensor([[v == "1" for v in r[1:]] for r in lines[2:]]).float()
 
 def attr_path(args):
     return args.attr_file or os.path.join(args.data_dir, "celeba", "list_attr_celeba.txt")
 
 def celeba_files(args):
-    """CelebA's layout under --data-dir, or CelebA-HQ's through --image-dir and --attr-file."""
+    """CelebA's layout under --data-dir (its training partition if list_eval_partition.txt is there), or
+    CelebA-HQ through --image-dir and --attr-file -> attribute names, image paths, attributes."""
     root = os.path.join(args.data_dir, "celeba")
     image_dir, attr_file = args.image_dir or os.path.join(root, "img_align_celeba"), attr_path(args)
+    where = f"put img_align_celeba/ and list_attr_celeba.txt in {root}"
     if args.download and not args.image_dir:
         try:
             torchvision.datasets.CelebA(args.data_dir, split="all", target_type="attr", download=True)
-        except Exception as e:  # the host often refuses: say where the files go
-            die(f"CelebA download failed ({type(e).__name__}); put img_align_celeba/ and list_attr_celeba.txt in {root}")
-    if not os.path.isfile(attr_file) or not os.path.isdir(image_dir):
-        die(f"no CelebA at {attr_file} and {image_dir}: put img_align_celeba/ and list_attr_celeba.txt in {root}, "
-            "or pass --image-dir/--attr-file, or try --download")
+        except Exception as e:  # its host often refuses the download
+            die(f"CelebA download failed ({type(e).__name__}); {where}")
+    if not (os.path.isfile(attr_file) and os.path.isdir(image_dir)):
+        die(f"no CelebA at {image_dir} + {attr_file}: {where}, or pass --image-dir and --attr-file, or --download")
     names, files, attrs = read_attr_file(attr_file)
     split = os.path.join(root, "list_eval_partition.txt")
-    if not args.image_dir and os.path.isfile(split):  # train on CelebA's training partition (0)
+    if not args.image_dir and os.path.isfile(split):
         train = {r[0] for r in map(str.split, open(split)) if r[1:] == ["0"]}
         keep = [i for i, f in enumerate(files) if f in train]
         files, attrs = [files[i] for i in keep], attrs[keep]
@@ -209,14 +203,11 @@ def batches(n, batch_size, seed, rank, world, start_step):
         epoch, skip = epoch + 1, 0
 
 def loader(data, args, device, rank, world, step):
-    """(uint8 images, conditions) batches from `step` on: indexed directly when the set is on the device,
-    otherwise decoded by DataLoader workers; its own generator keeps the global RNG stream untouched."""
+    """(uint8 images, conditions) batches from `step` on, decoded by DataLoader workers; the loader's own
+    generator leaves the global RNG stream alone, so a resumed run continues exactly."""
     if len(data) // world < args.batch_size:
         die(f"--batch-size {args.batch_size} is larger than the data set ({len(data) // world} images per device)")
     stream = batches(len(data), args.batch_size, args.seed, rank, world, step)
-    if data.images is not None and args.data_on_device:
-        images, conds = data.images.to(device), data.conds.to(device)
-        return ((images[i.to(device)], conds[i.to(device)]) for i in stream)
     return iter(DataLoader(data, batch_sampler=stream, num_workers=args.workers, pin_memory=device.type == "cuda",
                            persistent_workers=args.workers > 0, generator=torch.Generator()))
 
@@ -230,32 +221,27 @@ def timestep_embedding(t, dim):
     return torch.cat([args.sin(), args.cos()], dim=1)
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice; time enters by FiLM, h = norm(h) * (1 + scale) + shift, where (scale, shift)
-    are the first `cout` channels of the one projection shared across the U-Net (the seed's sharing)."""
-
+    """GroupNorm-SiLU-conv twice with FiLM, h = norm(h) * (1 + scale) + shift, where (scale, shift) are the first
+    `cout` channels of one time projection shared across the U-Net (the seed's sharing); then self-attention."""
     def __init__(self, cin, cout, dropout, attn=False):
         super().__init__()
         self.norm1, self.conv1 = nn.GroupNorm(8, cin), nn.Conv2d(cin, cout, 3, padding=1)
         self.norm2, self.conv2 = nn.GroupNorm(8, cout), nn.Conv2d(cout, cout, 3, padding=1)
         self.dropout, self.cout = nn.Dropout(dropout), cout
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
-        self.attn = Attention(cout) if attn else nn.Identity()  # the seed's mid-resolution self-attention
-
+        self.attn = Attention(cout) if attn else nn.Identity()
     def forward(self, x, film):
         h = self.conv1(F.silu(self.norm1(x)))
         h = self.norm2(h) * (1 + film[0][:, :self.cout]) + film[1][:, :self.cout]
         return self.attn(self.skip(x) + self.conv2(self.dropout(F.silu(h))))
 
 class Attention(nn.Module):
-    """Multi-head attention of a feature map's pixels to themselves, or with ctx_dim to context tokens
-    (cross-attention), added residually: x + proj(softmax(q k^T / sqrt(d)) v)."""
-
+    """Multi-head attention of a feature map's pixels to themselves or (ctx_dim) to context tokens, residual:
+    x + proj(softmax(q k^T / sqrt(d)) v)."""
     def __init__(self, ch, ctx_dim=None, heads=4):
         super().__init__()
         self.heads, self.norm = heads, nn.GroupNorm(8, ch)
-        self.q, self.kv = nn.Conv2d(ch, ch, 1), nn.Linear(ctx_dim or ch, 2 * ch)
-        self.proj = nn.Conv2d(ch, ch, 1)
-
+        self.q, self.kv, self.proj = nn.Conv2d(ch, ch, 1), nn.Linear(ctx_dim or ch, 2 * ch), nn.Conv2d(ch, ch, 1)
     def forward(self, x, ctx=None):
         B, C, H, W = x.shape
         h = self.norm(x)
@@ -266,32 +252,27 @@ class Attention(nn.Module):
         return x + self.proj(out.transpose(-1, -2).reshape(B, C, H, W))
 
 class CondTokens(nn.Module):
-    """One token per attribute (or class): token_i = off_i + c_i * (on_i - off_i) for c in [0, 1]^n, so a
-    multi-hot vector and a one-hot class become the same kind of sequence; dropped rows get learned null tokens."""
-
+    """One token per attribute (or class): token_i = off_i + c_i * (on_i - off_i), c in [0, 1]^n, so multi-hot
+    attributes and one-hot classes give the same kind of sequence; dropped rows get learned null tokens."""
     def __init__(self, n, dim):
         super().__init__()
         self.on, self.off, self.null = (nn.Parameter(torch.randn(n, dim) * 0.02) for _ in range(3))
-
     def forward(self, c, drop):
         tokens = self.off + c[:, :, None] * (self.on - self.off)
         return torch.where(drop[:, None, None], self.null.to(tokens.dtype), tokens)
 
 class Upsample(nn.Module):
     """Nearest-neighbour to the skip's size (odd sizes such as MNIST's 7 included), then a 3x3 convolution."""
-
     def __init__(self, ch):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
-
     def forward(self, x, size):
         return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 class UNet(nn.Module):
-    """4 levels of `depth` residual blocks (self-attention at levels 2 and 3), strided-conv downsampling to
-    size/16, a bottleneck of ResBlock, self-attention, cross-attention to the condition tokens, ResBlock, and
-    the mirrored path up with concatenated skips."""
-
+    """4 levels of `depth` residual blocks (self-attention at the two lower, mid resolutions), strided-conv
+    downsampling to size/16; bottleneck: ResBlock, self-attention, cross-attention to the condition tokens,
+    ResBlock; the mirrored path up with concatenated skips."""
     def __init__(self, width=64, depth=2, n_cond=40, channels=3, size=64, dropout=0.0, mults=(1, 2, 2, 4)):
         super().__init__()
         chs, ctx_dim = [width * m for m in mults], 4 * width
@@ -315,15 +296,13 @@ class UNet(nn.Module):
                 self.up.append(ResBlock(c + skips.pop(), co, dropout, attn=i in (2, 3)))
                 c = co
         self.out = nn.Sequential(nn.GroupNorm(8, c), nn.SiLU(), nn.Conv2d(c, channels, 3, padding=1))
-
     def forward(self, x, t, c, drop):
         film = self.film(timestep_embedding(t, self.width))[:, :, None, None].chunk(2, dim=1)
-        ctx = self.cond(c, drop)
         h, hs = self.stem(x), []
         for m in self.down:
             h = m(h, film) if isinstance(m, ResBlock) else m(h)
             hs += [h] if isinstance(m, ResBlock) else []
-        h = self.mid2(self.cross_attn(self.self_attn(self.mid1(h, film)), ctx), film)
+        h = self.mid2(self.cross_attn(self.self_attn(self.mid1(h, film)), self.cond(c, drop)), film)
         for m in self.up:
             h = m(torch.cat([h, hs.pop()], dim=1), film) if isinstance(m, ResBlock) else m(h, hs[-1].shape[-2:])
         return self.out(h)
@@ -338,30 +317,30 @@ def make_betas(schedule, T):
     f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + 0.008) / 1.008 * math.pi / 2) ** 2
     return (1 - f[1:] / f[:-1]).clamp(max=0.999)
 
+def alphas_cumprod_of(cfg, device):
+    return torch.cumprod(1 - make_betas(cfg["schedule"], cfg["steps"]), 0).float().to(device)
+
 def q_sample(x0, t, noise, alphas_cumprod):
     """x_t = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * eps"""
     abar = alphas_cumprod[t].view(-1, 1, 1, 1)
     return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
 def p_losses(model, x0, c, alphas_cumprod, p_uncond):
-    """Simple DDPM loss ||eps - eps_theta(x_t, t, c)||^2; the condition is replaced by null tokens with p_uncond."""
+    """Simple DDPM loss ||eps - eps_theta(x_t, t, c)||^2; the condition becomes null tokens with p_uncond."""
     t = torch.randint(0, len(alphas_cumprod), (x0.shape[0],), device=x0.device)
-    noise = torch.randn_like(x0)
-    drop = torch.rand(x0.shape[0], device=x0.device) < p_uncond
+    noise, drop = torch.randn_like(x0), torch.rand(x0.shape[0], device=x0.device) < p_uncond
     return F.mse_loss(model(q_sample(x0, t, noise, alphas_cumprod), t, c, drop).float(), noise)
 
 
 # ----------------------------------------------------------------------------- sampling
 
 def cfg_denoiser(model, c, w, drop=None):
-    """eps(x, t) with classifier-free guidance: eps = eps_u + w * (eps_c - eps_u) (SPEC's convention:
-    w=0 unconditional, w=1 conditional), both halves in one doubled batch; rows with drop stay unconditional."""
+    """eps(x, t) with classifier-free guidance, eps = eps_u + w * (eps_c - eps_u) (SPEC: w=0 unconditional, w=1
+    conditional), both halves in one doubled batch; rows with drop (null tokens) stay unconditional."""
     drop = torch.zeros(len(c), dtype=torch.bool, device=c.device) if drop is None else drop
     ones = torch.ones_like(drop)
-    if w == 1:
-        return lambda x, t: model(x, t, c, drop).float()
-    if w == 0:
-        return lambda x, t: model(x, t, c, ones).float()
+    if w in (0, 1):
+        return lambda x, t: model(x, t, c, ones if w == 0 else drop).float()
 
     def eps_fn(x, t):
         eps_c, eps_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, c]),
@@ -372,15 +351,20 @@ def cfg_denoiser(model, c, w, drop=None):
 def sample_timesteps(T, steps):
     return torch.linspace(T - 1, 0, steps).round().long().tolist()
 
-def ddim_sample(eps_fn, x, alphas_cumprod, steps, eta, generator=None, path=None):
-    """DDIM (Song et al.) from x_T on `steps` timesteps. With eta=1 on all T steps this is exactly DDPM's
-    ancestral sampler with the posterior variance beta_tilde. Passing alphas_cumprod[:t+1] starts at t."""
+def ddim_sample(eps_fn, x, alphas_cumprod, steps, eta, generator=None, path=None, clip=False):
+    """DDIM (Song et al.) from x_T on `steps` timesteps; with eta=1 on all T steps exactly DDPM's ancestral
+    sampler (posterior variance beta_tilde). Given alphas_cumprod[:t+1] it starts at t. clip: x0 in [-1, 1]
+    (images), eps recomputed from it; near t = T, x0 = (x - sqrt(1-abar) eps) / sqrt(abar) multiplies any error
+    of eps by up to 2e4 (cosine: abar(T-1) ~ 2e-9), which would otherwise reach the image."""
     ts = sample_timesteps(len(alphas_cumprod), steps)
     for i, t in enumerate(tqdm(ts, desc="sampling", leave=False, disable=len(ts) < 50)):
         abar = alphas_cumprod[t]
         abar_prev = alphas_cumprod[ts[i + 1]] if i + 1 < len(ts) else torch.ones_like(abar)
         eps = eps_fn(x, torch.full((x.shape[0],), t, device=x.device))
         x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
+        if clip:
+            x0 = x0.clamp(-1, 1)
+            eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
         # sigma^2 = eta^2 * (1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)
         sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
         x = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
@@ -390,10 +374,9 @@ def ddim_sample(eps_fn, x, alphas_cumprod, steps, eta, generator=None, path=None
             path.append(x.cpu())
     return x
 
-def dpmpp_sample(eps_fn, x, alphas_cumprod, steps, path=None):
-    """DPM-Solver++(2M) (Lu et al. 2022) in data prediction, lambda = log(alpha / sigma); the last step,
-    to the clean image, is first order. Timesteps are uniform in lambda, from lambda = -5 (below it
-    x_t is pure noise; the cosine schedule reaches -10, which would waste steps) to lambda at t=0."""
+def dpmpp_sample(eps_fn, x, alphas_cumprod, steps, path=None, clip=False):
+    """DPM-Solver++(2M) (Lu et al. 2022) in data prediction, lambda = log(alpha / sigma), last step first order;
+    timesteps uniform in lambda from -5 (below it x_t is pure noise; cosine reaches -10) to lambda at t=0."""
     alpha, sigma = alphas_cumprod.sqrt(), (1 - alphas_cumprod).sqrt()
     lam = torch.log(alpha / sigma)
     grid = torch.linspace(max(lam[-1].item(), -5.0), lam[0].item(), steps, device=lam.device)
@@ -401,6 +384,7 @@ def dpmpp_sample(eps_fn, x, alphas_cumprod, steps, path=None):
     x0_prev, h_prev = None, None
     for i, t in enumerate(tqdm(ts, desc="sampling", leave=False, disable=len(ts) < 50)):
         x0 = (x - sigma[t] * eps_fn(x, torch.full((x.shape[0],), t, device=x.device))) / alpha[t]
+        x0 = x0.clamp(-1, 1) if clip else x0
         if i + 1 == len(ts):
             x = x0
         else:
@@ -414,64 +398,53 @@ def dpmpp_sample(eps_fn, x, alphas_cumprod, steps, path=None):
     return x
 
 def sample(eps_fn, x, alphas_cumprod, args, generator=None, path=None):
+    """Images: ddpm is DDIM with eta=1 on all T steps; ddim K steps with --eta; dpmpp K steps; x0 clipped."""
     T, K = len(alphas_cumprod), min(args.sample_steps, len(alphas_cumprod))
-    if args.sampler == "ddpm":
-        return ddim_sample(eps_fn, x, alphas_cumprod, T, 1.0, generator, path)
-    if args.sampler == "ddim":
-        return ddim_sample(eps_fn, x, alphas_cumprod, K, args.eta, generator, path)
-    return dpmpp_sample(eps_fn, x, alphas_cumprod, K, path)
+    if args.sampler == "dpmpp":
+        return dpmpp_sample(eps_fn, x, alphas_cumprod, K, path, clip=True)
+    ddpm = args.sampler == "ddpm"
+    return ddim_sample(eps_fn, x, alphas_cumprod, T if ddpm else K, 1.0 if ddpm else args.eta, generator, path, True)
 
 @torch.no_grad()
 def generate(model, alphas_cumprod, conds, args, seed=0, path=None, drop=None):
     """Images in [-1, 1] for condition vectors `conds` [N, n] from fixed seeds."""
-    device = alphas_cumprod.device
-    g = torch.Generator().manual_seed(seed)
+    device, g = alphas_cumprod.device, torch.Generator().manual_seed(seed)
     x = torch.randn((len(conds), *model.shape), generator=g).to(device)
     eps_fn = cfg_denoiser(model, conds.to(device), args.cfg, None if drop is None else drop.to(device))
     return sample(eps_fn, x, alphas_cumprod, args, g, path).clamp(-1, 1)
 
-def toggle_grid(model, alphas_cumprod, conds, names, toggle, args, seed=0):
-    """Row 0: samples for `conds`; row k: the same seeds with attribute toggle[k-1] flipped (c -> 1 - c)."""
-    rows = [conds]
-    for name in toggle:
-        flipped = conds.clone()
-        flipped[:, names.index(name)] = 1 - flipped[:, names.index(name)]
-        rows.append(flipped)
-    return torch.cat([generate(model, alphas_cumprod, r, args, seed) for r in rows])
+def preview(model, alphas_cumprod, cfg, conds, args):
+    """(grid, row length). Attributes: row 0 from `conds` (the first 8), row k the same seeds with the k-th --toggle
+    attribute flipped (c -> 1 - c). Classes: one row per class, plus an unconditional one if trained with nulls."""
+    names = cfg["classes"]
+    if cfg["kind"] == "classes":
+        text = ",".join(map(str, range(len(names)))) + (",uncond" if cfg["p_uncond"] > 0 else "")
+        conds, drop = label_conds(text, len(names), 10)
+        return generate(model, alphas_cumprod, conds, args, args.seed, drop=drop), 10
+    conds = conds[:8]
+    rows = [conds] + [torch.where(torch.arange(len(names)) == attr_index(s, names, "--toggle"), 1 - conds, conds)
+                      for s in args.toggle.split(",") if s]
+    return torch.cat([generate(model, alphas_cumprod, r, args, args.seed) for r in rows]), len(conds)
 
-def class_grid(model, alphas_cumprod, n_cond, args, uncond, n=10):
-    """One row per class, plus an unconditional row where the model was trained with null tokens."""
-    labels = torch.arange(n_cond + uncond).repeat_interleave(n)
-    conds = F.one_hot(labels.clamp(max=n_cond - 1), n_cond).float()
-    return generate(model, alphas_cumprod, conds, args, args.seed, drop=labels == n_cond)
-
+@torch.no_grad()
 def reconstruct_grid(model, alphas_cumprod, x0, conds, args, fracs=(0.5, 0.75, 1.0)):
-    """Row 0: real images; then DDIM from x_t = q_sample(x0, t) with t = frac * (T-1), conditioned on their
-    own attributes: how much of each image the model has learned (t = T-1 starts from pure noise)."""
-    g = torch.Generator().manual_seed(args.seed)
-    rows, noise = [x0], torch.randn(x0.shape, generator=g).to(x0.device)
-    for f in fracs:
-        t = round(f * (len(alphas_cumprod) - 1))
+    """Row 0: real images; then DDIM from x_t = q_sample(x0, t), t = frac * (T-1), conditioned on their own
+    attributes: how much of each image the model knows (t = T-1 starts from pure noise)."""
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(args.seed)).to(x0.device)
+    rows, eps_fn = [x0], cfg_denoiser(model, conds, args.cfg)
+    for t in [round(f * (len(alphas_cumprod) - 1)) for f in fracs]:
         xt = q_sample(x0, torch.full((len(x0),), t, device=x0.device), noise, alphas_cumprod)
-        eps_fn = cfg_denoiser(model, conds, args.cfg)
-        with torch.no_grad():
-            rows.append(ddim_sample(eps_fn, xt, alphas_cumprod[:t + 1], args.sample_steps, 0.0).clamp(-1, 1))
+        rows.append(ddim_sample(eps_fn, xt, alphas_cumprod[:t + 1], args.sample_steps, 0.0, clip=True).clamp(-1, 1))
     return torch.cat(rows)
 
 def save_grid(x, path, nrow):
     torchvision.utils.save_image(x * 0.5 + 0.5, path, nrow=nrow, padding=1, pad_value=1.0)
 
-def path_figure(path, n_rows, out):
-    """The reverse (denoising) path: a row per sample, columns from noise to image."""
-    cols = torch.linspace(0, len(path) - 1, min(len(path), 10)).round().long().tolist()
-    save_grid(torch.stack([path[c][:n_rows] for c in cols], 1).flatten(0, 1).clamp(-1, 1), out, len(cols))
-
 def save_gif(path, out, nrow):
+    """One frame per sampler step (at most 50), the whole grid in each."""
     frames = torch.linspace(0, len(path) - 1, min(len(path), 50)).round().long().tolist()
-    imgs = []
-    for f in frames:
-        grid = torchvision.utils.make_grid(path[f].clamp(-1, 1) * 0.5 + 0.5, nrow=nrow, padding=1)
-        imgs.append(Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy()))
+    grids = [torchvision.utils.make_grid(path[f].clamp(-1, 1) * 0.5 + 0.5, nrow=nrow, padding=1) for f in frames]
+    imgs = [Image.fromarray(g.mul(255).round().byte().permute(1, 2, 0).numpy()) for g in grids]
     imgs[0].save(out, save_all=True, append_images=imgs[1:], duration=80, loop=0)
 
 
@@ -479,7 +452,7 @@ def save_gif(path, out, nrow):
 
 @torch.no_grad()
 def update_ema(ema, model, step, args):
-    """ema-pytorch's warm-up: decay = 1 - (1 + step / inv_gamma) ** -power, clamped to [0, --ema], with its
+    """ema-pytorch's warm-up, decay = 1 - (1 + step / inv_gamma) ** -power clamped to [0, --ema], with its
     defaults inv_gamma = 1, power = 2/3 (0.99 at step 1000, 0.999 at 31k)."""
     decay = min(max(1 - (1 + step) ** (-2 / 3), 0.0), args.ema)
     for pe, p in zip(ema.parameters(), model.parameters()):
@@ -510,8 +483,8 @@ def load_weights(module, state, path):
         die(f"checkpoint {path} does not match this model (check --width, --depth, --size, --dataset)")
 
 def run_fid(args, model, alphas_cumprod, cfg, rank, world):
-    """FID of args.fid samples, conditioned on the attribute rows (classes) of as many training images, against
-    those images; each rank makes its share."""
+    """FID of --fid samples conditioned on the attributes (classes) of as many training images, against those
+    images (cycled when fewer); each rank makes its share."""
     try:
         import fid  # only here, so this file runs without fid.py
     except ImportError:
@@ -533,15 +506,14 @@ def run_fid(args, model, alphas_cumprod, cfg, rank, world):
 
 def setup(args):
     """Device and DistributedDataParallel: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE."""
-    ddp = "RANK" in os.environ
+    ddp, rank, world = "RANK" in os.environ, 0, 1
     name = args.device or ("cuda" if torch.cuda.is_available() else
                            "mps" if torch.backends.mps.is_available() else "cpu")
-    rank, world = 0, 1
     if ddp:
         dist.init_process_group("nccl" if name == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
-        if name == "cuda":
-            name = f"cuda:{os.environ['LOCAL_RANK']}"
+        name = f"cuda:{os.environ['LOCAL_RANK']}" if name == "cuda" else name
+        if name.startswith("cuda"):
             torch.cuda.set_device(name)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return torch.device(name), ddp, rank, world
@@ -550,21 +522,11 @@ def autocast(args, device):
     bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
     return torch.autocast(device.type, torch.bfloat16) if bf16 else nullcontext()
 
-def preview(model, alphas_cumprod, cfg, conds, args):
-    """The training grid: attribute toggles over the first 8 images' attributes, or one row per class."""
-    if cfg["kind"] == "attrs":
-        toggle = [cfg["classes"][attr_index(s, cfg["classes"], "--toggle")] for s in args.toggle.split(",") if s]
-        return toggle_grid(model, alphas_cumprod, conds[:8], cfg["classes"], toggle, args, args.seed), min(8, len(conds))
-    return class_grid(model, alphas_cumprod, len(cfg["classes"]), args, cfg["p_uncond"] > 0), 10
-
-def train(args, device, ddp, rank, world):
-    master = rank == 0
-    torch.manual_seed(args.seed + rank)
+def start(args, device, rank, world):
+    """Data, schedule, model, EMA, AdamW; from the run's ckpt.pt with --resume (weights, EMA, optimizer, step, RNG)."""
     data, args.classes, args.kind = get_data(args)
     args.channels, args.freq = data[0][0].shape[0], data.conds.mean(0).tolist()
-    cfg = vars(args)
-    alphas_cumprod = torch.cumprod(1 - make_betas(args.schedule, args.steps), 0).float().to(device)
-    raw = build_model(cfg).to(device).to(memory_format=torch.channels_last)
+    raw = build_model(vars(args)).to(device).to(memory_format=torch.channels_last)
     ema = copy.deepcopy(raw).eval().requires_grad_(False)
     opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, weight_decay=0.0, fused=device.type == "cuda")
     ckpt_path, step = os.path.join(args.out_dir, "ckpt.pt"), 0
@@ -573,18 +535,22 @@ def train(args, device, ddp, rank, world):
         load_weights(raw, ck["model"], ckpt_path)
         load_weights(ema, ck["ema"], ckpt_path)
         opt.load_state_dict(ck["opt"])
-        step = ck["step"]
-        torch.set_rng_state(ck["rng"][rank].cpu() if len(ck["rng"]) == world else ck["rng"][0].cpu())
+        step, rng = ck["step"], ck["rng"]
+        torch.set_rng_state(rng[rank].cpu() if len(rng) == world else rng[0].cpu())
+    return data, raw, ema, opt, step, alphas_cumprod_of(vars(args), device)
+
+def train(args, device, ddp, rank, world):
+    master, cfg, out = rank == 0, vars(args), lambda name: os.path.join(args.out_dir, name)
+    torch.manual_seed(args.seed + rank)
+    data, raw, ema, opt, step, alphas_cumprod = start(args, device, rank, world)
     model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw
     model = torch.compile(model) if args.compile else model
-    writer = None
     if master:
         os.makedirs(args.out_dir, exist_ok=True)
-        json.dump(cfg, open(os.path.join(args.out_dir, "config.json"), "w"), indent=2)
-        writer = tensorboard_writer(args)
+        json.dump(cfg, open(out("config.json"), "w"), indent=2)
         print(f"{sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, {len(data)} images, "
               f"global batch {args.batch_size * world}, device {device}")
-    log = open(os.path.join(args.out_dir, "log.jsonl"), "a") if master else None
+    writer, log = (tensorboard_writer(args), open(out("log.jsonl"), "a")) if master else (None, None)
     stream = loader(data, args, device, rank, world, step)
     loss_sum, n_loss, t0, t_log = torch.zeros((), device=device), 0, time.time(), time.time()
     pbar = tqdm(range(step, args.iters), initial=step, total=args.iters, disable=not master)
@@ -603,12 +569,13 @@ def train(args, device, ddp, rank, world):
         opt.step()
         update_ema(ema, raw, step, args)
         loss_sum, n_loss, done = loss_sum + loss.detach(), n_loss + 1, step + 1
-        if done % args.log_every == 0 or done % args.ckpt_every == 0 or done == args.iters:
+        save = done % args.ckpt_every == 0 or done == args.iters
+        if done % args.log_every == 0 or save:
             if ddp:
                 dist.all_reduce(loss_sum)
             mean_loss = loss_sum.item() / n_loss / world
             if not math.isfinite(mean_loss):  # stop before anything is saved; ckpt.pt stays the last good one
-                sys.exit(f"loss is {mean_loss} at step {done}; stopped, {ckpt_path} left as it was")
+                sys.exit(f"loss is {mean_loss} at step {done}; stopped, {out('ckpt.pt')} left as it was")
             ips = n_loss * args.batch_size * world / (time.time() - t_log)
             rec = dict(step=done, loss=mean_loss, lr=lr, img_per_s=ips, elapsed=time.time() - t0)
             loss_sum, n_loss, t_log = torch.zeros((), device=device), 0, time.time()
@@ -618,36 +585,33 @@ def train(args, device, ddp, rank, world):
                 log.flush()
                 for k in ("loss", "lr", "img_per_s") if writer else ():
                     writer.add_scalar(k, rec[k], done)
-        if done % args.ckpt_every == 0 or done == args.iters:
-            rng = gather_rng(ddp, world)  # every rank takes part in the gather
+        if save:
             state = dict(model=raw.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=done,
-                         config=cfg, rng=rng)
+                         config=cfg, rng=gather_rng(ddp, world))  # every rank takes part in the gather
             if master:
-                save_checkpoint(ckpt_path, state)
+                save_checkpoint(out("ckpt.pt"), state)
             if master and args.save_every and done % args.save_every == 0:
-                save_checkpoint(os.path.join(args.out_dir, f"ckpt_{done}.pt"), state)
+                save_checkpoint(out(f"ckpt_{done}.pt"), state)
                 prune_checkpoints(args.out_dir, args.keep)
         if master and (done % args.sample_every == 0 or done == args.iters):
             with autocast(args, device):
                 grid, nrow = preview(ema, alphas_cumprod, cfg, data.conds, args)
-            save_grid(grid, os.path.join(args.out_dir, f"samples_{done}.png"), nrow)
+            save_grid(grid, out(f"samples_{done}.png"), nrow)
             if writer:
                 writer.add_image("samples", torchvision.utils.make_grid(grid * 0.5 + 0.5, nrow=nrow), done)
     if master:
         x0 = torch.stack([data[i][0] for i in range(min(8, len(data)))]).float().to(device) / 127.5 - 1
         with autocast(args, device):
-            grid = reconstruct_grid(ema, alphas_cumprod, x0, data.conds[:len(x0)].to(device), args)
-        save_grid(grid, os.path.join(args.out_dir, "reconstruct.png"), len(x0))
-        print(f"done: {args.iters} steps in {time.time() - t0:.0f}s, loss {mean_loss:.4f} -> {args.out_dir}")
+            save_grid(reconstruct_grid(ema, alphas_cumprod, x0, data.conds[:len(x0)].to(device), args),
+                      out("reconstruct.png"), len(x0))
+        print(f"done: {args.iters} steps in {time.time() - t0:.0f}s -> {args.out_dir}")
     return ema, alphas_cumprod, cfg
 
 def gather_rng(ddp, world):
     """Every rank's torch RNG state, so a resumed run continues each rank's random stream."""
-    state = torch.get_rng_state()
-    if not ddp:
-        return [state]
-    states = [None] * world
-    dist.all_gather_object(states, state)
+    states = [torch.get_rng_state()] * world
+    if ddp:
+        dist.all_gather_object(states, states[0])
     return states
 
 def prune_checkpoints(out_dir, keep):
@@ -675,7 +639,7 @@ def attr_index(name, names, flag):
 def attr_conds(args, cfg):
     """--n condition rows: unnamed attributes drawn with their data-set frequency (or copied from the
     --attrs-from image's row), then those in --attrs set: 'Smiling' on, '-Eyeglasses' off."""
-    names, g = cfg["classes"], torch.Generator().manual_seed(args.seed)
+    g = torch.Generator().manual_seed(args.seed)
     conds = torch.bernoulli(torch.tensor(cfg["freq"]).expand(args.n, -1), generator=g)
     if args.attrs_from:
         path = attr_path(args if args.attr_file else argparse.Namespace(**cfg))
@@ -684,11 +648,11 @@ def attr_conds(args, cfg):
             die(f"--attrs-from: {args.attrs_from} is not listed in {path}")
         conds = attrs[files.index(args.attrs_from)].expand(args.n, -1).clone()
     for s in filter(None, (s.strip() for s in args.attrs.split(","))):
-        conds[:, attr_index(s.lstrip("+-"), names, "--attrs")] = float(not s.startswith("-"))
+        conds[:, attr_index(s.lstrip("+-"), cfg["classes"], "--attrs")] = float(not s.startswith("-"))
     return conds
 
 def label_conds(text, n_cond, n):
-    """One-hot rows for --labels ('3,uncond', 'all'); 'uncond' rows are dropped to the null tokens."""
+    """One-hot rows for --labels ('3,uncond', 'all'), n each; 'uncond' rows are dropped to the null tokens."""
     parts = list(map(str, range(n_cond))) + ["uncond"] if text == "all" else [s.strip() for s in text.split(",")]
     bad = [s for s in parts if s != "uncond" and not (s.isdigit() and int(s) < n_cond)]
     if bad:
@@ -697,20 +661,17 @@ def label_conds(text, n_cond, n):
     return F.one_hot(labels.clamp(max=n_cond - 1), n_cond).float(), labels == n_cond
 
 def sample_main(args, device):
+    """samples.png (and denoise.gif) for --attrs or --labels, and for attributes toggles.png, with the EMA model."""
     path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
     ck = load_checkpoint(path, device)
-    cfg = ck["config"]
-    model = build_model(cfg).to(device).eval()
+    cfg, model = ck["config"], build_model(ck["config"]).to(device).eval()
     load_weights(model, ck["ema"], path)
-    alphas_cumprod = torch.cumprod(1 - make_betas(cfg["schedule"], cfg["steps"]), 0).float().to(device)
-    attrs = cfg["kind"] == "attrs"
+    alphas_cumprod, attrs, trace = alphas_cumprod_of(cfg, device), cfg["kind"] == "attrs", []
     conds, drop = (attr_conds(args, cfg), None) if attrs else label_conds(args.labels, len(cfg["classes"]), args.n)
     os.makedirs(args.out_dir, exist_ok=True)
-    trace = []
     with autocast(args, device):
         x = generate(model, alphas_cumprod, conds, args, args.seed, trace, drop)
         save_grid(x, os.path.join(args.out_dir, "samples.png"), args.n)
-        path_figure(trace, min(len(x), 10), os.path.join(args.out_dir, "reverse.png"))
         if args.gif:
             save_gif(trace, os.path.join(args.out_dir, "denoise.gif"), args.n)
         if attrs:
