@@ -102,7 +102,8 @@ def get_args(argv=None):
     for flag, ok in [("--steps", args.steps > 0), ("--cfg", args.cfg >= 0), ("--iters", args.iters > 0),
                      ("--sample-steps", args.sample_steps > 0), ("--n", args.n > 0), ("--size", args.size >= 16),
                      ("--batch-size", args.batch_size > 0), ("--p-uncond", 0 <= args.p_uncond < 1)]:
-        ok or die(f"{flag} is out of range (see --help)")
+        if not ok:
+            die(f"{flag} is out of range (see --help)")
     return args
 
 def die(msg):

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from test_smoke import (HERE, TINY, assert_bad_input, assert_moments, ddim_gaussian_std, gaussian_eps,
-                        image_size, load, make_mnist, pattern_images, run, same_weights)
+                        image_size, load, make_mnist, pattern_images, run, same_weights, torchrun)
 
 CELEBA_NAMES = ["Male", "Smiling", "Eyeglasses", "Blond_Hair", "Young", "Heavy_Makeup"] + [f"Attr_{k}" for k in range(34)]
 CELEBA_TINY = [*TINY, "--size", "32", "--workers", "0", "--cfg", "1", "--toggle", "Male,Smiling"]
@@ -277,3 +277,14 @@ def test_celeba_tensorboard(tmp_path):
                "--tensorboard") == 0
     acc = EventAccumulator(os.path.join(out, "tb")).Reload()
     assert {"loss", "lr", "img_per_s"} <= set(acc.Tags()["scalars"]) and "samples" in acc.Tags()["images"]
+
+
+def test_celeba_torchrun_two_processes(tmp_path):
+    data, out = celeba_write(str(tmp_path / "data")), str(tmp_path / "out")
+    r = torchrun("celeba_crossattn.py", 2, "--data-dir", data, "--out-dir", out, *CELEBA_TINY, "--iters", "2",
+                 "--batch-size", "4")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "global batch 8" in r.stdout
+    ck = load(os.path.join(out, "ckpt.pt"))
+    assert ck["step"] == 2 and len(ck["rng"]) == 2 and not torch.equal(ck["rng"][0], ck["rng"][1])
+    assert len(open(os.path.join(out, "log.jsonl")).readlines()) == 2  # one writer
