@@ -232,6 +232,9 @@ def test_dit_bad_inputs(dit_run, capsys, tmp_path, monkeypatch):
     assert "no checkpoint" in assert_bad_input(capsys, "cifar_dit_ddp", "--sample", "--ckpt", str(tmp_path / "x"))
     assert "--batch-size" in assert_bad_input(capsys, "cifar_dit_ddp", "--data-dir", dit_run.data, "--limit", "12",
                                               "--batch-size", "16", "--out-dir", str(tmp_path / "o"))
+    os.makedirs(tmp_path / "empty" / "a")
+    assert "--image-folder" in assert_bad_input(capsys, "cifar_dit_ddp", "--image-folder", str(tmp_path / "empty"),
+                                                "--out-dir", str(tmp_path / "o"))
     mismatched = [*dit_run.base, "--out-dir", dit_run.out, "--kv-heads", "4", "--resume", "--epochs", "9"]
     assert "does not match" in assert_bad_input(capsys, "cifar_dit_ddp", *mismatched)
     import torchvision.datasets.cifar as cifar
