@@ -66,9 +66,9 @@ class FIDInception(tvi.Inception3):
         """Images [N, 1 or 3, H, W] in [0, 1] or uint8 -> (pool3 features [N, 2048], logits [N, 1008])."""
         x = x.float() / 255 if x.dtype == torch.uint8 else x
         x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x  # grayscale: as PIL's convert("RGB")
-        if x.min() < -1e-3 or x.max() > 1 + 1e-3:  # e.g. images in [-1, 1]: refuse rather than a wrong FID
+        if x.min() < -0.1 or x.max() > 1.1:  # e.g. images in [-1, 1]: refuse, rather than give a wrong FID
             raise ValueError(f"images must be in [0, 1] or uint8, got values in [{x.min():.3g}, {x.max():.3g}]")
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        x = F.interpolate(x.clamp(0, 1), size=(299, 299), mode="bilinear", align_corners=False)  # clamp as a PNG
         x = 2 * x - 1  # [0, 1] -> [-1, 1], the input range of the TF graph
         for module in list(self.children())[:-2]:  # registration order: stem, Mixed_5b..7c, avgpool (not dropout, fc)
             x = module(x)
@@ -148,7 +148,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)) >= 0. Tr sqrtm(S1 S2) = Tr sqrtm(A S2 A), A = S1^(1/2):
     same eigenvalues, and A S2 A is symmetric PSD, so eigh gives them real, also for singular covariances."""
     mu1, mu2, s1, s2 = (np.asarray(x, dtype=np.float64) for x in (mu1, mu2, sigma1, sigma2))
-    if not (mu1.shape == mu2.shape and s1.shape == s2.shape == mu1.shape * 2 and np.isfinite(s1 + s2).all()):
+    if not (s1.shape == s2.shape == mu1.shape * 2 == mu2.shape * 2
+            and all(np.isfinite(x).all() for x in (mu1, mu2, s1, s2))):
         raise ValueError(f"statistics must be finite with matching shapes, got {mu1.shape} {s1.shape} {s2.shape}")
     w, v = np.linalg.eigh(s1)  # eigh/eigvalsh read one triangle: symmetric by construction
     a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # clip: rounding makes zero eigenvalues slightly negative
