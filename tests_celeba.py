@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from test_smoke import (HERE, TINY, assert_bad_input, assert_moments, ddim_gaussian_std, gaussian_eps,
-                        image_size, load, make_mnist, pattern_images, run, same_weights, torchrun)
+                        image_size, load, make_image_folder, make_mnist, pattern_images, run, same_weights,
+                        torchrun)
 
 CELEBA_NAMES = ["Male", "Smiling", "Eyeglasses", "Blond_Hair", "Young", "Heavy_Makeup"] + [f"Attr_{k}" for k in range(34)]
 CELEBA_TINY = [*TINY, "--size", "32", "--workers", "0", "--cfg", "1", "--toggle", "Male,Smiling"]
@@ -209,6 +210,17 @@ def test_celeba_cifar10_mode(tmp_path, monkeypatch, capsys):
                "--device", "cpu", "--sample-steps", "3") == 0
     assert image_size(os.path.join(out, "samples.png")) == (3 * 33 + 1, 2 * 33 + 1)
     assert "--labels" in assert_bad_input(capsys, "celeba_crossattn", "--sample", "--out-dir", out, "--labels", "10")
+
+
+def test_celeba_image_folder(tmp_path, capsys):
+    folder, out = make_image_folder(str(tmp_path / "imgs"), per_class=3), str(tmp_path / "out")
+    assert run("celeba_crossattn", "--image-folder", folder, "--out-dir", out, *CELEBA_TINY, "--iters", "1") == 0
+    cfg = load(os.path.join(out, "ckpt.pt"))["config"]
+    assert cfg["classes"] == ["cat", "dog", "ship"] and cfg["kind"] == "classes" and cfg["size"] == 32
+    assert image_size(os.path.join(out, "samples_1.png")) == (10 * 33 + 1, 4 * 33 + 1)  # 3 classes + uncond
+    os.makedirs(tmp_path / "empty" / "a")
+    assert "--image-folder" in assert_bad_input(capsys, "celeba_crossattn", "--image-folder", str(tmp_path / "empty"),
+                                                "--out-dir", out)
 
 
 def test_celeba_mnist_mode_odd_size(tmp_path):
