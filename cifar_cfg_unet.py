@@ -11,13 +11,7 @@ DDPM with --uncond), tracking train/validation/test losses every epoch, then sam
 Follows seed 001, "CIFAR-10 Diffusion Model (DDPM)" (its flags work too: --conditional --epochs 30 --p_uncond 0.1
 --run_name NAME, --inference --model_path ...), with the collection's shared command line (SPEC.md).
 """
-import argparse
-import copy
-import json
-import math
-import os
-import sys
-import time
+import argparse, copy, json, math, os, sys, time
 from contextlib import nullcontext
 
 import torch
@@ -31,7 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 IMAGE_SIZE, CHANNELS, SPLIT_SEED = 32, 3, 42  # SPLIT_SEED fixes the 45,000 / 5,000 train/val split
-
+HISTORY_KEYS = ("train_loss", "val_loss", "test_loss", "epochs")  # loss_history.json, the seed's shape
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -77,8 +71,7 @@ def get_args(argv=None):
     g.add_argument("--labels", "--sample_classes", default="all", help="comma-separated classes, 'uncond', 'all'")
     g.add_argument("--n", type=int, default=10, help="samples per label with --sample")
     g.add_argument("--num_samples", type=int, default=0, help="seed's count: N samples, cycling --labels")
-    g.add_argument("--cfg", "--guidance_scale", type=float, default=3.0,
-                   help="guidance W: eps_u + W*(eps_c - eps_u); 0 uncond, 1 cond, 3-5 moderate, 7+ strong")
+    g.add_argument("--cfg", "--guidance_scale", type=float, default=3.0, help="guidance W (see README)")
     g.add_argument("--cfg-sweep", default="", help="with --sample: comma-separated W, one row each")
     g.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], default="ddim", help="reverse process")
     g.add_argument("--sample-steps", type=int, default=50, help="steps K of ddim/dpmpp (ddpm uses T)")
@@ -90,8 +83,7 @@ def get_args(argv=None):
     g.add_argument("--out-dir", "--save_dir", default="out/cifar_cfg_unet", help="where everything is written")
     g.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
     g.add_argument("--no_cuda", action="store_true", help="seed flag: same as --device cpu")
-    g.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="autocast dtype; auto is bf16 on CUDA, fp32 elsewhere")
+    g.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on CUDA, else fp32")
     g.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
     g.add_argument("--tensorboard", action="store_true", help="also log to <out-dir>/tb")
     g.add_argument("--config", default=None, help="a run's config.json to use as defaults")
@@ -110,7 +102,6 @@ def get_args(argv=None):
             die(f"{flag} is out of range (see --help)")
     return args
 
-
 def die(msg):
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
@@ -125,15 +116,14 @@ def get_data(args):
     if args.image_folder:
         if not os.path.isdir(args.image_folder):
             die(f"--image-folder: no such folder {args.image_folder}")
-        tf = torchvision.transforms.Compose([torchvision.transforms.Resize(IMAGE_SIZE),
-                                             torchvision.transforms.CenterCrop(IMAGE_SIZE),
-                                             torchvision.transforms.PILToTensor()])
+        T = torchvision.transforms
+        tf = T.Compose([T.Resize(IMAGE_SIZE), T.CenterCrop(IMAGE_SIZE), T.PILToTensor()])
         try:
             ds = torchvision.datasets.ImageFolder(args.image_folder, transform=tf)
         except (FileNotFoundError, RuntimeError) as e:
             die(f"--image-folder {args.image_folder}: {e}".splitlines()[0])
         images, labels, classes = torch.stack([x for x, _ in ds]), torch.tensor(ds.targets), ds.classes
-        test_images = test_labels = None
+        test_images = None
     else:
         try:
             sets = [torchvision.datasets.CIFAR10(args.data_dir, train=tr, download=True) for tr in (True, False)]
@@ -146,12 +136,11 @@ def get_data(args):
     perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(SPLIT_SEED))
     n_val = max(1, len(images) // 10)
     val, test, train = perm[:n_val], perm[n_val:2 * n_val], perm[(1 if test_images is not None else 2) * n_val:]
-    if test_images is None:
+    if test_images is None:  # an image folder holds out its own test images
         test_images, test_labels = images[test], labels[test]
-    train = train[:args.limit] if args.limit else train
+    train = train[:args.limit or None]
     return dict(train=(images[train], labels[train]), val=(images[val], labels[val]),
                 test=(test_images, test_labels)), classes
-
 
 def batches(n, batch_size, per_epoch, seed, rank, world, start_step):
     """Index batches forever, epoch after epoch; the same seed and step give the same batch."""
@@ -163,7 +152,6 @@ def batches(n, batch_size, per_epoch, seed, rank, world, start_step):
         for b in range(skip, per_epoch):
             yield idx[b * batch_size:(b + 1) * batch_size]
         epoch, skip = epoch + 1, 0
-
 
 def to_model_input(images, device):
     """uint8 [0, 255] -> float [-1, 1] on the device, channels_last."""
@@ -178,7 +166,6 @@ def timestep_embedding(t, dim):
     args = t.float()[:, None] * freqs[None]
     return torch.cat([args.sin(), args.cos()], dim=1)
 
-
 class Attention(nn.Module):
     """Multi-head self-attention over the pixels of a feature map, added residually."""
 
@@ -186,13 +173,11 @@ class Attention(nn.Module):
         super().__init__()
         self.heads, self.norm = heads, nn.GroupNorm(8, ch)
         self.qkv, self.proj = nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
-
     def forward(self, x):
         B, C, H, W = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).unbind(1)
         h = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
         return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
-
 
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice; time + class embedding enter by FiLM: h = norm(h) * (1 + scale) + shift.
@@ -203,16 +188,13 @@ class ResBlock(nn.Module):
         self.norm1, self.conv1 = nn.GroupNorm(8, cin), nn.Conv2d(cin, cout, 3, padding=1)
         self.film = nn.Linear(emb_dim, 2 * cout)
         self.norm2, self.conv2 = nn.GroupNorm(8, cout), nn.Conv2d(cout, cout, 3, padding=1)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout, self.attn = nn.Dropout(dropout), Attention(cout) if attn else nn.Identity()
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
-        self.attn = Attention(cout) if attn else nn.Identity()
-
     def forward(self, x, emb):
         h = self.conv1(F.silu(self.norm1(x)))
         scale, shift = self.film(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
         h = self.norm2(h) * (1 + scale) + shift
         return self.attn(self.skip(x) + self.conv2(self.dropout(F.silu(h))))
-
 
 class UNet(nn.Module):
     """32 -> 16 -> 8 (-> 4) U-Net, skips concatenated. The class (index n_classes is the learned null class
@@ -228,15 +210,14 @@ class UNet(nn.Module):
                                        nn.Linear(emb_dim, emb_dim)) if n_classes else None
         self.stem = nn.Conv2d(CHANNELS, width, 3, padding=1)
         self.down, skips, c, res = nn.ModuleList(), [width], width, IMAGE_SIZE
-        for i, co in enumerate(chs):
+        for i, co in enumerate(chs):  # every module's output is a skip, consumed in reverse by self.up
             for _ in range(depth):
                 self.down.append(ResBlock(c, co, emb_dim, dropout, res <= attn_res))
                 c = co
                 skips.append(c)
             if i < len(chs) - 1:
                 self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
-                skips.append(c)
-                res //= 2
+                skips, res = skips + [c], res // 2
         self.mid = nn.ModuleList([ResBlock(c, c, emb_dim, dropout, True), ResBlock(c, c, emb_dim, dropout)])
         self.up = nn.ModuleList()
         for i, co in reversed(list(enumerate(chs))):
@@ -252,8 +233,7 @@ class UNet(nn.Module):
         emb = self.time_mlp(timestep_embedding(t, self.width))
         if self.label_emb is not None:
             emb = emb + self.label_emb(y)
-        h = self.stem(x)
-        hs = [h]
+        hs = [h := self.stem(x)]
         for m in self.down:
             h = m(h, emb) if isinstance(m, ResBlock) else m(h)
             hs.append(h)
@@ -278,12 +258,10 @@ def make_betas(schedule, T):
     f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + 0.008) / 1.008 * math.pi / 2) ** 2
     return (1 - f[1:] / f[:-1]).clamp(max=0.999)
 
-
 def q_sample(x0, t, noise, alphas_cumprod):
     """x_t = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * eps"""
     abar = alphas_cumprod[t].view(-1, 1, 1, 1)
     return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-
 
 def p_losses(model, x0, y, alphas_cumprod, p_uncond, null, loss="mse", t=None, noise=None):
     """DDPM loss ||eps - eps_theta(x_t, t, y)|| (squared, or L1); labels dropped to `null` with p_uncond.
@@ -294,7 +272,6 @@ def p_losses(model, x0, y, alphas_cumprod, p_uncond, null, loss="mse", t=None, n
         y = torch.where(torch.rand(y.shape, device=y.device) < p_uncond, null, y)
     pred = model(q_sample(x0, t, noise, alphas_cumprod), t, y).float()
     return F.mse_loss(pred, noise) if loss == "mse" else F.l1_loss(pred, noise)
-
 
 @torch.no_grad()
 def eval_loss(model, images, labels, alphas_cumprod, args, n_classes, batch_size=250):
@@ -327,10 +304,8 @@ def cfg_denoiser(model, y, w, null):
         return eps_u + w * (eps_c - eps_u)
     return eps_fn
 
-
 def sample_timesteps(T, steps):
     return torch.linspace(T - 1, 0, steps).round().long().tolist()
-
 
 def ddim_sample(eps_fn, x, alphas_cumprod, steps, eta, generator=None, path=None, t_start=None, clip=False):
     """DDIM (Song et al.) from x_t, t = t_start (default T-1), on `steps` timesteps. With eta=1 on all T
@@ -354,7 +329,6 @@ def ddim_sample(eps_fn, x, alphas_cumprod, steps, eta, generator=None, path=None
         if path is not None:
             path.append(x.cpu())
     return x
-
 
 def dpmpp_sample(eps_fn, x, alphas_cumprod, steps, path=None, clip=False):
     """DPM-Solver++(2M) (Lu et al. 2022) in data prediction, lambda = log(alpha / sigma); the last step,
@@ -381,7 +355,6 @@ def dpmpp_sample(eps_fn, x, alphas_cumprod, steps, path=None, clip=False):
             path.append(x.cpu())
     return x
 
-
 def sample(eps_fn, x, alphas_cumprod, args, generator=None, path=None):
     """Images from noise x with the chosen sampler, x0 predictions clipped to [-1, 1]."""
     T, K = len(alphas_cumprod), min(args.sample_steps, len(alphas_cumprod))
@@ -389,7 +362,6 @@ def sample(eps_fn, x, alphas_cumprod, args, generator=None, path=None):
         return dpmpp_sample(eps_fn, x, alphas_cumprod, K, path, clip=True)
     steps, eta = (T, 1.0) if args.sampler == "ddpm" else (K, args.eta)
     return ddim_sample(eps_fn, x, alphas_cumprod, steps, eta, generator, path, clip=True)
-
 
 @torch.inference_mode()
 def generate(model, alphas_cumprod, labels, args, n_classes, seed=0, path=None, cfg=None):
@@ -401,16 +373,8 @@ def generate(model, alphas_cumprod, labels, args, n_classes, seed=0, path=None, 
     eps_fn = cfg_denoiser(model, y, args.cfg if cfg is None else cfg, n_classes)
     return sample(eps_fn, x.contiguous(memory_format=torch.channels_last), alphas_cumprod, args, g, path).clamp(-1, 1)
 
-
-def class_grid(model, alphas_cumprod, args, n_classes):
-    """One row per class, plus an unconditional row where the model has one."""
-    labels = [r for r in (range(n_classes + 1) if n_classes else [0]) for _ in range(10)]
-    return generate(model, alphas_cumprod, labels, args, n_classes, args.seed)
-
-
 def save_grid(x, path, nrow):
     torchvision.utils.save_image(x * 0.5 + 0.5, path, nrow=nrow, padding=1, pad_value=1.0)
-
 
 def save_gif(path, out, nrow):
     frames = torch.linspace(0, len(path) - 1, min(len(path), 50)).round().long().tolist()
@@ -419,7 +383,6 @@ def save_gif(path, out, nrow):
         grid = torchvision.utils.make_grid(path[f].clamp(-1, 1) * 0.5 + 0.5, nrow=nrow, padding=1)
         imgs.append(Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy()))
     imgs[0].save(out, save_all=True, append_images=imgs[1:], duration=80, loop=0)
-
 
 @torch.inference_mode()
 def reconstruction_figure(model, images, labels, alphas_cumprod, args, n_classes, out):
@@ -449,18 +412,15 @@ def update_ema(ema, model, decay):
     for be, b in zip(ema.buffers(), model.buffers()):
         be.copy_(b)
 
-
 def ckpt_file(args):
     """The run's checkpoint: <out-dir>/ckpt.pt, or models/<run_name>/ckpt.pt in the seed's layout."""
     return os.path.join("models", args.run_name, "ckpt.pt") if args.run_name else os.path.join(args.out_dir, "ckpt.pt")
-
 
 def save_checkpoint(path, state):
     """Write to a temporary file in the same folder, then rename: a crash never leaves a broken file."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     torch.save(state, f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
-
 
 def load_checkpoint(path, device):
     if not os.path.isfile(path):
@@ -470,11 +430,9 @@ def load_checkpoint(path, device):
     except Exception as e:
         die(f"{path} is not a readable checkpoint ({type(e).__name__})")
 
-
 def build_model(cfg, n_classes):
     return UNet(cfg["width"], cfg["depth"], tuple(int(m) for m in cfg["mults"].split(",")), cfg["attn_res"],
                 n_classes, cfg["dropout"])
-
 
 def load_weights(module, state, path):
     try:
@@ -482,21 +440,17 @@ def load_weights(module, state, path):
     except RuntimeError:
         die(f"checkpoint {path} does not match this model (check --width, --depth, --mults, --uncond)")
 
-
 def run_fid(args, model, alphas_cumprod, n_classes, rank, world):
     """FID of args.fid class-balanced samples against the test split; each rank makes its share."""
     import fid  # only here, so this file runs without fid.py
-    images = get_data(args)[0]["test"][0]
-    mine = list(range(rank, args.fid, world))
-    real = (images[mine[i:i + 250]].float() / 255 for i in range(0, len(mine), 250))
-    fake = ((generate(model, alphas_cumprod, [j % max(n_classes, 1) for j in mine[i:i + 250]], args,
-                      n_classes, seed=args.seed + i + 1) + 1) / 2 for i in range(0, len(mine), 250))
-    src = "folder" if args.image_folder else "cifar10-test"
-    cache = os.path.join(args.data_dir, f"fid_stats_{src}_{IMAGE_SIZE}_{args.fid}.npz")
-    res = fid.evaluate(fake, real, len(mine), cache=None if args.image_folder else cache,
-                       weights=args.fid_weights, device=alphas_cumprod.device)
+    images, mine, bs = get_data(args)[0]["test"][0], list(range(rank, args.fid, world)), 250
+    real = (images[mine[i:i + bs]].float() / 255 for i in range(0, len(mine), bs))
+    fake = ((generate(model, alphas_cumprod, [j % max(n_classes, 1) for j in mine[i:i + bs]], args, n_classes,
+                      seed=args.seed + i + 1) + 1) / 2 for i in range(0, len(mine), bs))
+    cache = None if args.image_folder else os.path.join(args.data_dir, f"fid_stats_cifar10-test_{args.fid}.npz")
+    res = fid.evaluate(fake, real, len(mine), cache=cache, weights=args.fid_weights, device=alphas_cumprod.device)
     if rank == 0:
-        res.update(sampler=args.sampler, sample_steps=args.sample_steps, cfg=args.cfg, real=src)
+        res.update(sampler=args.sampler, sample_steps=args.sample_steps, cfg=args.cfg)
         json.dump(res, open(os.path.join(args.out_dir, "fid.json"), "w"), indent=2)
         print(f"FID {res['fid']:.2f} from {args.fid} samples -> {args.out_dir}/fid.json")
 
@@ -518,11 +472,9 @@ def setup(args):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return torch.device(name), ddp, rank, world
 
-
 def autocast(args, device):
     bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
     return torch.autocast(device.type, torch.bfloat16) if bf16 else nullcontext()
-
 
 def train(args, device, ddp, rank, world):
     master = rank == 0
@@ -539,22 +491,21 @@ def train(args, device, ddp, rank, world):
     raw = build_model(vars(args), n_classes).to(device).to(memory_format=torch.channels_last)
     ema = copy.deepcopy(raw).eval().requires_grad_(False)
     opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, weight_decay=0.0, fused=device.type == "cuda")
-    ckpt_path, step, history, epoch_sum = ckpt_file(args), 0, dict(train_loss=[], val_loss=[], test_loss=[],
-                                                                      epochs=[]), 0.0
+    ckpt_path, step, epoch_sum, history = ckpt_file(args), 0, 0.0, {k: [] for k in HISTORY_KEYS}
     if args.resume:
         ck = load_checkpoint(ckpt_path, device)
         load_weights(raw, ck["model"], ckpt_path)
         load_weights(ema, ck["ema"], ckpt_path)
         opt.load_state_dict(ck["opt"])
         step, history, epoch_sum = ck["step"], ck["history"], ck["epoch_sum"]
-        torch.set_rng_state(ck["rng"][rank].cpu() if len(ck["rng"]) == world else ck["rng"][0].cpu())
+        torch.set_rng_state(ck["rng"][rank if len(ck["rng"]) == world else 0].cpu())
     model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw
     model = torch.compile(model) if args.compile else model
     writer = None
     if master:
         os.makedirs(args.out_dir, exist_ok=True)
         json.dump(vars(args), open(os.path.join(args.out_dir, "config.json"), "w"), indent=2)
-        writer = tensorboard_writer(args)
+        writer = tensorboard_writer(args) if args.tensorboard else None
         print(f"{sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, {len(images)} images, "
               f"{per_epoch} steps per epoch, global batch {args.batch_size * world}, device {device}")
     log = open(os.path.join(args.out_dir, "log.jsonl"), "a") if master else None
@@ -611,7 +562,11 @@ def train(args, device, ddp, rank, world):
                     save_checkpoint(os.path.join(args.out_dir, f"ckpt_{done}.pt"), state)
                     prune_checkpoints(args.out_dir, args.keep)
         if master and (done % args.sample_every == 0 or done == total):
-            save_samples(ema, alphas_cumprod, args, n_classes, done, writer)
+            rows = range(n_classes + 1) if n_classes else [0]  # one row per class, plus the unconditional one
+            grid = generate(ema, alphas_cumprod, [r for r in rows for _ in range(10)], args, n_classes, args.seed)
+            save_grid(grid, os.path.join(args.out_dir, f"samples_{done}.png"), 10)
+            if writer:
+                writer.add_image("samples", torchvision.utils.make_grid(grid * 0.5 + 0.5, nrow=10), done)
     if master:
         errors = reconstruction_figure(ema, images, labels, alphas_cumprod, args, n_classes,
                                        os.path.join(args.out_dir, "reconstruction.png"))
@@ -619,46 +574,30 @@ def train(args, device, ddp, rank, world):
               f"{ {t: round(e, 4) for t, e in errors.items()} } -> {args.out_dir}")
     return ema, alphas_cumprod, n_classes
 
-
 def end_of_epoch(model, splits, alphas_cumprod, args, n_classes, history, train_loss, epoch, writer):
     """Validation and test losses of the trained model, appended with the epoch's mean training loss to
     loss_history.json in the seed's shape."""
-    model.eval()
-    losses = {f"{s}_loss": eval_loss(model, *splits[s], alphas_cumprod, args, n_classes) for s in ("val", "test")}
+    val, test = (eval_loss(model.eval(), *splits[s], alphas_cumprod, args, n_classes) for s in ("val", "test"))
     model.train()
-    for k, v in dict(train_loss=train_loss, **losses, epochs=epoch).items():
+    for k, v in zip(HISTORY_KEYS, (train_loss, val, test, epoch)):
         history[k].append(v)
         if writer and k != "epochs":
             writer.add_scalar(k, v, epoch)
     json.dump(history, open(os.path.join(args.out_dir, "loss_history.json"), "w"), indent=2)
 
-
-def save_samples(ema, alphas_cumprod, args, n_classes, step, writer):
-    grid = class_grid(ema, alphas_cumprod, args, n_classes)
-    save_grid(grid, os.path.join(args.out_dir, f"samples_{step}.png"), 10)
-    if writer:
-        writer.add_image("samples", torchvision.utils.make_grid(grid * 0.5 + 0.5, nrow=10), step)
-
-
 def gather_rng(ddp, world):
     """Every rank's torch RNG state, so a resumed run continues each rank's random stream."""
-    state = torch.get_rng_state()
-    if not ddp:
-        return [state]
-    states = [None] * world
-    dist.all_gather_object(states, state)
+    states = [torch.get_rng_state()] * world
+    if ddp:
+        dist.all_gather_object(states, states[0])
     return states
-
 
 def prune_checkpoints(out_dir, keep):
     steps = sorted(int(f[5:-3]) for f in os.listdir(out_dir) if f.startswith("ckpt_") and f.endswith(".pt"))
     for s in steps[:-keep] if keep else []:
         os.remove(os.path.join(out_dir, f"ckpt_{s}.pt"))
 
-
 def tensorboard_writer(args):
-    if not args.tensorboard:
-        return None
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
@@ -676,14 +615,10 @@ def parse_labels(text, classes, n_classes):
         return list(range(n_classes + 1))
     out = []
     for s in (s.strip() for s in text.split(",")):
-        if s == "uncond":
-            out.append(n_classes)
-        elif s.isdigit() and int(s) < n_classes or s in classes:
-            out.append(int(s) if s.isdigit() else classes.index(s))
-        else:
+        if not (s == "uncond" or s in classes or s.isdigit() and int(s) < n_classes):
             die(f"--labels: unknown class {s!r} (use 0-{n_classes - 1}, a class name, 'uncond' or 'all')")
+        out.append(n_classes if s == "uncond" else classes.index(s) if s in classes else int(s))
     return out
-
 
 def sample_main(args, device):
     path = args.ckpt or ckpt_file(args)
@@ -708,7 +643,6 @@ def sample_main(args, device):
     print(f"wrote {len(x)} samples (step {ck['step']}, cfg {args.cfg}) to {args.out_dir}/samples.png")
     return model, alphas_cumprod, n_classes
 
-
 def cfg_sweep(args, model, alphas_cumprod, labels, n_classes):
     """The seed's guidance-scale comparison: one row per W, the same seeds and labels in every row."""
     try:
@@ -721,7 +655,6 @@ def cfg_sweep(args, model, alphas_cumprod, labels, n_classes):
     save_grid(torch.cat(rows), os.path.join(args.out_dir, "cfg_sweep.png"), len(labels))
     print(f"wrote rows for W = {scales} to {args.out_dir}/cfg_sweep.png")
     return model
-
 
 def main(argv=None):
     args = get_args(argv)
