@@ -204,10 +204,10 @@ def test_dit_eval_writes_seed_keys(dit_run, tmp_path, monkeypatch):
 def test_dit_loss_plot_or_one_message(tmp_path, capsys, monkeypatch):
     import cifar_dit_ddp as m
     recs = [{"step": 1, "loss": 1.0}, {"step": 1, "val_loss": 0.9, "epoch_time": 2.0}, {"step": 2, "loss": 0.5}]
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
-    m.plot_loss(str(tmp_path), recs, "t")
+    with monkeypatch.context() as mp:  # restores sys.modules as it was (a half-removed matplotlib breaks later users)
+        mp.setitem(sys.modules, "matplotlib", None)  # as if not installed
+        m.plot_loss(str(tmp_path), recs, "t")
     assert "log.jsonl" in capsys.readouterr().out and not os.path.exists(tmp_path / "training_loss.png")
-    monkeypatch.delitem(sys.modules, "matplotlib")
     pytest.importorskip("matplotlib")
     m.plot_loss(str(tmp_path), recs, "t")
     assert os.path.getsize(tmp_path / "training_loss.png") > 0
