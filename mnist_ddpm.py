@@ -285,15 +285,20 @@ def sample_timesteps(T, steps):
     return torch.linspace(T - 1, 0, steps).round().long().tolist()
 
 
-def ddim_sample(eps_fn, x, alphas_cumprod, steps, eta, generator=None, path=None, guide=None):
+def ddim_sample(eps_fn, x, alphas_cumprod, steps, eta, generator=None, path=None, guide=None, clip=False):
     """DDIM (Song et al.) from x_T on `steps` timesteps. With eta=1 on all T steps this is exactly DDPM's
-    ancestral sampler with the posterior variance beta_tilde. `guide(mean, t)` may steer each mean."""
+    ancestral sampler with the posterior variance beta_tilde. `guide(mean, t)` may steer each mean.
+    clip (images): x0 clamped to [-1, 1] and eps recomputed from it; near t=T, x0 = (x - sqrt(1-abar) eps)
+    / sqrt(abar) multiplies any error of eps by up to 2e4 (cosine: abar(T-1) ~ 2e-9)."""
     ts = sample_timesteps(len(alphas_cumprod), steps)
     for i, t in enumerate(tqdm(ts, desc="sampling", leave=False, disable=len(ts) < 50)):
         abar = alphas_cumprod[t]
         abar_prev = alphas_cumprod[ts[i + 1]] if i + 1 < len(ts) else torch.ones_like(abar)
         eps = eps_fn(x, torch.full((x.shape[0],), t, device=x.device))
         x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
+        if clip:
+            x0 = x0.clamp(-1, 1)
+            eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
         # sigma^2 = eta^2 * (1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)
         sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
         x = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
@@ -306,7 +311,7 @@ def ddim_sample(eps_fn, x, alphas_cumprod, steps, eta, generator=None, path=None
     return x
 
 
-def dpmpp_sample(eps_fn, x, alphas_cumprod, steps, path=None):
+def dpmpp_sample(eps_fn, x, alphas_cumprod, steps, path=None, clip=False):
     """DPM-Solver++(2M) (Lu et al. 2022) in data prediction, lambda = log(alpha / sigma); the last step,
     to the clean image, is first order. Timesteps are uniform in lambda, from lambda = -5 (below it
     x_t is pure noise; the cosine schedule reaches -10, which would waste steps) to lambda at t=0."""
@@ -317,6 +322,7 @@ def dpmpp_sample(eps_fn, x, alphas_cumprod, steps, path=None):
     x0_prev, h_prev = None, None
     for i, t in enumerate(tqdm(ts, desc="sampling", leave=False, disable=len(ts) < 50)):
         x0 = (x - sigma[t] * eps_fn(x, torch.full((x.shape[0],), t, device=x.device))) / alpha[t]
+        x0 = x0.clamp(-1, 1) if clip else x0  # as in ddim_sample
         if i + 1 == len(ts):
             x = x0
         else:
@@ -333,10 +339,10 @@ def dpmpp_sample(eps_fn, x, alphas_cumprod, steps, path=None):
 def sample(eps_fn, x, alphas_cumprod, args, generator=None, path=None, guide=None):
     T, K = len(alphas_cumprod), min(args.sample_steps, len(alphas_cumprod))
     if args.sampler == "ddpm":
-        return ddim_sample(eps_fn, x, alphas_cumprod, T, 1.0, generator, path, guide)
+        return ddim_sample(eps_fn, x, alphas_cumprod, T, 1.0, generator, path, guide, clip=True)
     if args.sampler == "ddim":
-        return ddim_sample(eps_fn, x, alphas_cumprod, K, args.eta, generator, path, guide)
-    return dpmpp_sample(eps_fn, x, alphas_cumprod, K, path)
+        return ddim_sample(eps_fn, x, alphas_cumprod, K, args.eta, generator, path, guide, clip=True)
+    return dpmpp_sample(eps_fn, x, alphas_cumprod, K, path, clip=True)
 
 
 def clip_guide(encode_image, encode_text, prompt, scale, steps, lr):
