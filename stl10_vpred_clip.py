@@ -32,7 +32,6 @@ from PIL import Image, ImageColor, ImageDraw
 from tqdm import tqdm
 
 IMAGE_SIZE, CHANNELS = 96, 3
-STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
 CLIP_CACHE = "clip_text_emb_stl10_vitb32.pt"
 
 def get_args(argv=None):
@@ -47,7 +46,6 @@ def get_args(argv=None):
     g.add_argument("--width", type=int, default=64, help="base channels of the U-Net")
     g.add_argument("--depth", type=int, default=2, help="residual blocks per resolution")
     g.add_argument("--dropout", type=float, default=0.1, help="dropout in residual blocks")
-    g.add_argument("--attn-res", type=int, default=24, help="self-attention at feature maps <= this size")
     g.add_argument("--cond", choices=["clip", "learned"], default="clip", help="CLIP text or learned label emb.")
     g.add_argument("--text-emb", default=None, help="precomputed [classes+1, D] text embeddings (.pt)")
     g = p.add_argument_group("diffusion")
@@ -116,17 +114,15 @@ def die(msg):
 
 
 # ----------------------------------------------------------------------------- data
-
 def get_data(args, train=True):
     """The whole data set as uint8 [N, 3, 96, 96] plus labels [N] and the class names."""
     if args.image_folder:
         if not os.path.isdir(args.image_folder):
             die(f"--image-folder: no such folder {args.image_folder}")
-        tf = torchvision.transforms.Compose([torchvision.transforms.Resize(IMAGE_SIZE),
-                                             torchvision.transforms.CenterCrop(IMAGE_SIZE),
-                                             torchvision.transforms.PILToTensor()])
+        tf = torchvision.transforms
         try:
-            ds = torchvision.datasets.ImageFolder(args.image_folder, transform=tf)
+            ds = torchvision.datasets.ImageFolder(args.image_folder, transform=tf.Compose(
+                [tf.Resize(IMAGE_SIZE), tf.CenterCrop(IMAGE_SIZE), tf.PILToTensor()]))
         except (FileNotFoundError, RuntimeError) as e:
             die(f"--image-folder {args.image_folder}: {e}".splitlines()[0])
         images = torch.stack([x for x, _ in ds])
@@ -135,10 +131,10 @@ def get_data(args, train=True):
         try:
             ds = torchvision.datasets.STL10(args.data_dir, split="train" if train else "test", download=True)
         except Exception as e:  # no network: say where the files go
-            die(f"could not get STL-10 ({e}); put train_X.bin, train_y.bin, test_X.bin, test_y.bin, "
-                f"unlabeled_X.bin, class_names.txt from stl10_binary.tar.gz in {args.data_dir}/stl10_binary/")
+            die(f"could not get STL-10 ({e}); put train_X.bin, train_y.bin, test_X.bin, test_y.bin, unlabeled_X.bin, "
+                f"class_names.txt (stl10_binary.tar.gz) in {args.data_dir}/stl10_binary/")
         images, labels = torch.from_numpy(ds.data), torch.from_numpy(ds.labels.astype(np.int64))
-        classes = getattr(ds, "classes", STL10_CLASSES)
+        classes = ds.classes  # from class_names.txt
     if args.limit:
         images, labels = images[:args.limit], labels[:args.limit]
     if args.overfit and train:  # the seed's OVERFIT_TINY: a fixed subset, the same in every run
@@ -161,8 +157,7 @@ def batches(n, batch_size, seed, rank, world, start_step):
         epoch, skip = epoch + 1, 0
 
 def text_embeddings(args, classes):
-    """[n+1, D] text embeddings of "a photo of a {class}" and of "" (the unconditional index n): from
-    --text-emb, else from the cache if its prompts match, else computed once with open_clip and cached."""
+    """[n+1, D] embeddings of "a photo of a {class}" and "" (index n): --text-emb, the cache, or open_clip."""
     prompts = [f"a photo of a {c}" for c in classes] + [""]
     path = args.text_emb or os.path.join(args.out_dir if args.image_folder else args.data_dir, CLIP_CACHE)
     if args.text_emb or os.path.isfile(path):
@@ -171,29 +166,22 @@ def text_embeddings(args, classes):
             emb, cached = d["emb"].float(), d["prompts"]
         except Exception as e:
             die(f"--text-emb {path}: not a readable embedding file ({type(e).__name__})")
-        if len(emb) != len(prompts):
+        if args.text_emb and len(emb) != len(prompts):
             die(f"--text-emb {path} has {len(emb)} rows; need {len(prompts)} ({len(classes)} classes + unconditional)")
         if args.text_emb or cached == prompts:
             return emb
-    emb = clip_encode(prompts)
+    try:
+        import open_clip
+    except ImportError:
+        die("--cond clip needs CLIP: pip install open_clip_torch, or pass --text-emb FILE, or use --cond learned")
+    model, _, _ = open_clip.create_model_and_transforms("ViT-B-32", pretrained="openai")  # the seed's ViT-B/32
+    with torch.no_grad():  # the CLIP encoder stays frozen; unit norm, as CLIP compares them
+        emb = F.normalize(model.eval().encode_text(open_clip.get_tokenizer("ViT-B-32")(prompts)).float(), dim=-1)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     save_checkpoint(path, dict(emb=emb, context_dim=emb.shape[1], prompts=prompts))
     return emb
 
-def clip_encode(prompts):
-    try:
-        import open_clip
-    except ImportError:
-        die("--cond clip needs CLIP text embeddings: pip install open_clip_torch, or pass --text-emb FILE "
-            "(a dict emb/context_dim/prompts), or use --cond learned")
-    model, _, _ = open_clip.create_model_and_transforms("ViT-B-32", pretrained="openai")  # the seed's ViT-B/32
-    tokens = open_clip.get_tokenizer("ViT-B-32")(prompts)
-    with torch.no_grad():  # the CLIP encoder stays frozen; unit norm, as CLIP compares them
-        return F.normalize(model.eval().encode_text(tokens).float(), dim=-1)
-
-
 # ----------------------------------------------------------------------------- model
-
 def timestep_embedding(t, dim):
     """Sinusoidal embedding: [sin(t * f_k), cos(t * f_k)], f_k = 10000^(-k / (dim/2 - 1))."""
     freqs = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=t.device) / (dim // 2 - 1))
@@ -205,24 +193,20 @@ class ResBlock(nn.Module):
     def __init__(self, cin, cout, emb_dim, dropout):
         super().__init__()
         self.norm1, self.conv1 = nn.GroupNorm(8, cin), nn.Conv2d(cin, cout, 3, padding=1)
-        self.time = nn.Linear(emb_dim, cout)
+        self.time, self.dropout = nn.Linear(emb_dim, cout), nn.Dropout(dropout)
         self.norm2, self.conv2 = nn.GroupNorm(8, cout), nn.Conv2d(cout, cout, 3, padding=1)
-        self.dropout = nn.Dropout(dropout)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
-
     def forward(self, x, emb):
         h = self.conv1(F.silu(self.norm1(x))) + self.time(F.silu(emb))[:, :, None, None]
         return self.skip(x) + self.conv2(self.dropout(F.silu(self.norm2(h))))
 
 class Attention(nn.Module):
-    """Multi-head attention of the pixels (queries) over themselves, or over text context tokens [B, L, D]
-    when ctx_dim is given; returns the update, which the caller adds."""
+    """Multi-head attention of the pixels over themselves, or over context tokens [B, L, ctx_dim]."""
     def __init__(self, ch, ctx_dim=None, heads=4):
         super().__init__()
         self.heads, self.norm = heads, nn.GroupNorm(8, ch)
         self.q, self.proj = nn.Conv2d(ch, ch, 1), nn.Conv2d(ch, ch, 1)
         self.kv = nn.Conv2d(ch, 2 * ch, 1) if ctx_dim is None else nn.Linear(ctx_dim, 2 * ch)
-
     def forward(self, x, ctx=None):
         B, C, H, W = x.shape
         h = self.norm(x)
@@ -233,25 +217,22 @@ class Attention(nn.Module):
         return self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
 
 class Block(nn.Module):
-    """One U-Net layer as the seed's: residual block (structure + time), image-only self-attention,
-    then cross-attention to the text as a refinement: out = res_out + cross_attn_out. The text is one
-    vector per image, so a learned null token joins it as a second key: each pixel chooses how much
-    text it takes (a softmax over one key alone would be 1 everywhere)."""
+    """The seed's U-Net layer: residual block (structure + time), image-only self-attention, then cross-attention
+    to the text added on top: out = res_out + cross_attn_out. Keys: the text and a learned null token (one key
+    alone would get softmax weight 1 everywhere), so each pixel chooses how much text it takes."""
     def __init__(self, cin, cout, emb_dim, ctx_dim, dropout, self_attn):
         super().__init__()
         self.res = ResBlock(cin, cout, emb_dim, dropout)
         self.attn = Attention(cout) if self_attn else None
         self.cross, self.null = Attention(cout, ctx_dim), nn.Parameter(torch.randn(ctx_dim) * ctx_dim ** -0.5)
-
     def forward(self, x, emb, ctx):
         h = self.res(x, emb)
         h = h + self.attn(h) if self.attn else h
         return h + self.cross(h, torch.stack([self.null.expand_as(ctx).to(ctx.dtype), ctx], 1))
 
 class UNet(nn.Module):
-    """96 -> 48 -> 24 -> 12 U-Net (one stage deeper than the 32x32 scripts), skips concatenated; the
-    condition is row y of a [n_classes+1, D] table (frozen CLIP buffer or learned), row n_classes = null."""
-    def __init__(self, width, depth, n_classes, ctx_dim, cond, dropout=0.0, attn_res=24, mults=(1, 2, 2, 4)):
+    """96 -> 48 -> 24 -> 12 U-Net (one stage deeper than the 32x32 scripts); condition y picks a table row."""
+    def __init__(self, width, depth, n_classes, ctx_dim, cond, dropout=0.0, mults=(1, 2, 2, 4)):
         super().__init__()
         self.width, emb_dim, chs = width, 4 * width, [width * m for m in mults]
         self.time_mlp = nn.Sequential(nn.Linear(width, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -259,7 +240,7 @@ class UNet(nn.Module):
             self.register_buffer("text_emb", torch.zeros(n_classes + 1, ctx_dim))
         else:
             self.label_emb = nn.Embedding(n_classes + 1, ctx_dim)
-        block = lambda ci, co, res: Block(ci, co, emb_dim, ctx_dim, dropout, res <= attn_res)
+        block = lambda ci, co, res: Block(ci, co, emb_dim, ctx_dim, dropout, res <= 24)  # self-attn at 24, 12
         self.stem = nn.Conv2d(CHANNELS, width, 3, padding=1)
         self.down, skips, c = nn.ModuleList(), [width], width
         for i, co in enumerate(chs):
@@ -270,8 +251,7 @@ class UNet(nn.Module):
             if i < len(chs) - 1:
                 self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
                 skips.append(c)
-        self.mid = block(c, c, 0)
-        self.up = nn.ModuleList()
+        self.mid, self.up = block(c, c, 0), nn.ModuleList()
         for i, co in reversed(list(enumerate(chs))):
             for _ in range(depth + 1):
                 self.up.append(block(c + skips.pop(), co, IMAGE_SIZE >> i))
@@ -279,10 +259,8 @@ class UNet(nn.Module):
             if i > 0:
                 self.up.append(nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(c, c, 3, padding=1)))
         self.out = nn.Sequential(nn.GroupNorm(8, c), nn.SiLU(), nn.Conv2d(c, CHANNELS, 3, padding=1))
-
     def cond_table(self):  # the conditioning vectors: one row per class, then the unconditional row
         return self.text_emb if hasattr(self, "text_emb") else self.label_emb.weight
-
     def forward(self, x, t, y):
         emb, ctx = self.time_mlp(timestep_embedding(t, self.width)), self.cond_table()[y]
         h = self.stem(x)
@@ -297,7 +275,6 @@ class UNet(nn.Module):
 
 
 # ----------------------------------------------------------------------------- diffusion
-
 def make_betas(schedule, T):
     if schedule == "linear":  # Ho et al.: 1e-4 .. 0.02 at T=1000, scaled so any T ends equally noisy
         return torch.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=torch.float64)
@@ -330,24 +307,20 @@ def p_losses(model, x0, y, alphas_cumprod, p_uncond, null):
     """v-prediction loss ||v - v_theta(x_t, t, y)||^2; the condition dropped to `null` with p_uncond."""
     t = torch.randint(0, len(alphas_cumprod), (x0.shape[0],), device=x0.device)
     noise = torch.randn_like(x0)
-    if p_uncond > 0:
-        y = torch.where(torch.rand(y.shape, device=y.device) < p_uncond, null, y)
+    y = torch.where(torch.rand(y.shape, device=y.device) < p_uncond, null, y)
     v = v_target(x0, noise, alphas_cumprod[t].view(-1, 1, 1, 1))
     return F.mse_loss(model(q_sample(x0, t, noise, alphas_cumprod), t, y).float(), v)
 
 
 # ----------------------------------------------------------------------------- sampling
-
 def cfg_denoiser(model, y, w, null):
-    """v(x, t) with classifier-free guidance: v = v_u + w * (v_c - v_u) (SPEC's convention on v:
-    w=0 unconditional, w=1 conditional), the whole prediction guided, both halves in one doubled batch."""
+    """v(x, t) with classifier-free guidance: v = v_u + w * (v_c - v_u) (SPEC's convention on v: w=0
+    unconditional, w=1 conditional), the whole prediction guided, both halves in one doubled batch."""
     if w == 1:
         return lambda x, t: model(x, t, y).float()
-    if w == 0:
-        return lambda x, t: model(x, t, torch.full_like(y, null)).float()
-
+    y2 = torch.cat([y, torch.full_like(y, null)])
     def v_fn(x, t):
-        v_c, v_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null)])).float().chunk(2)
+        v_c, v_u = model(torch.cat([x, x]), torch.cat([t, t]), y2).float().chunk(2)
         return v_u + w * (v_c - v_u)
     return v_fn
 
@@ -355,8 +328,7 @@ def sample_timesteps(t_start, steps):
     return torch.linspace(t_start, 0, steps).round().long().tolist()
 
 def ddim_sample(eps_fn, x, alphas_cumprod, steps, eta, generator=None, path=None, t_start=None):
-    """DDIM (Song et al.) from x at t_start (default T-1) on `steps` timesteps. With eta=1 on all T steps
-    this is exactly DDPM's ancestral sampler with the posterior variance beta_tilde."""
+    """DDIM (Song et al.) from x at t_start (default T-1) on `steps` timesteps; eta=1 on all T steps is DDPM."""
     ts = sample_timesteps(len(alphas_cumprod) - 1 if t_start is None else t_start, steps)
     for i, t in enumerate(tqdm(ts, desc="sampling", leave=False, disable=len(ts) < 50)):
         abar = alphas_cumprod[t]
@@ -373,9 +345,8 @@ def ddim_sample(eps_fn, x, alphas_cumprod, steps, eta, generator=None, path=None
     return x
 
 def dpmpp_sample(eps_fn, x, alphas_cumprod, steps, path=None, t_start=None):
-    """DPM-Solver++(2M) (Lu et al. 2022) in data prediction, lambda = log(alpha / sigma); the last step,
-    to the clean image, is first order. Timesteps are uniform in lambda, from lambda = -5 (below it x_t is
-    pure noise; the cosine schedule reaches -9.2 at T=500, which would waste steps) to lambda at t=0."""
+    """DPM-Solver++(2M) (Lu et al. 2022) in data prediction, lambda = log(alpha / sigma), last step first order.
+    Timesteps uniform in lambda from -5 (the cosine schedule's -9.2 at T=500 is pure noise) to lambda(0)."""
     alpha, sigma = alphas_cumprod.sqrt(), (1 - alphas_cumprod).sqrt()
     lam = torch.log(alpha / sigma)
     t_start = len(alphas_cumprod) - 1 if t_start is None else t_start
@@ -440,7 +411,6 @@ def save_gif(path, out, nrow):
 
 
 # ----------------------------------------------------------------------------- the seed's diagnostics
-
 def embedding_map(table, names, out):
     """2-D map of the conditioning vectors, labelled: t-SNE with scikit-learn installed, else PCA."""
     x = table
@@ -462,20 +432,8 @@ def embedding_map(table, names, out):
     img.save(out)
 
 @torch.no_grad()
-def reconstruct(model, alphas_cumprod, x0, y, ts, args):
-    """Forward-diffuse x0 to each t (fixed noise), then run the reverse process back from t, conditioned
-    on the true class without guidance (w=1), so the figure shows what the network restores."""
-    g = torch.Generator().manual_seed(args.seed)
-    noise = torch.randn(x0.shape, generator=g).to(x0.device)
-    eps_fn = eps_from_v(cfg_denoiser(model, y, 1.0, None), alphas_cumprod)
-    noisy = [q_sample(x0, torch.full_like(y, t), noise, alphas_cumprod) for t in ts]
-    recon = [sample(eps_fn, x, alphas_cumprod, args.sampler, args.sample_steps, args.eta[0], g, None, t)
-             for x, t in zip(noisy, ts)]
-    return [x.clamp(-1, 1) for x in noisy], [x.clamp(-1, 1) for x in recon]
-
 def diagnostics(model, alphas_cumprod, images, labels, classes, args, out, writer=None, step=0):
-    """The seed's five checks: embedding map, denoising collage, fixed-seed class grid, single-image
-    reconstruction from several t, reconstruction sweep (original + reconstructions)."""
+    """The seed's five checks: embedding map, denoising collage, class grid, reconstructions, their sweep."""
     os.makedirs(out, exist_ok=True)
     names, n, table = classes + ["uncond"], len(classes), model.cond_table().detach().float().cpu()
     embedding_map(table, names, os.path.join(out, "embeddings.png"))
@@ -488,7 +446,13 @@ def diagnostics(model, alphas_cumprod, images, labels, classes, args, out, write
     T = len(alphas_cumprod)
     ts = [max(0, round(f * T) - 1) for f in (0.1, 0.25, 0.5, 0.75, 1.0)]
     x0 = images[:4].to(alphas_cumprod.device).float() / 127.5 - 1
-    noisy, recon = reconstruct(model, alphas_cumprod, x0, labels[:4].to(x0.device), ts, args)
+    # forward-diffuse to each t (fixed noise), then reverse from t with the true class, unguided (w=1)
+    g, y = torch.Generator().manual_seed(args.seed), labels[:4].to(x0.device)
+    noise = torch.randn(x0.shape, generator=g).to(x0.device)
+    noisy = [q_sample(x0, torch.full_like(y, t), noise, alphas_cumprod) for t in ts]
+    eps_fn = eps_from_v(cfg_denoiser(model, y, 1.0, None), alphas_cumprod)
+    recon = [sample(eps_fn, x, alphas_cumprod, args.sampler, args.sample_steps, args.eta[0], g, None, t).clamp(-1, 1)
+             for x, t in zip(noisy, ts)]
     single = [x0[0]] + [x[0] for x in noisy] + [x0[0]] + [x[0] for x in recon]
     save_grid(torch.stack(single), os.path.join(out, "reconstruction.png"), len(ts) + 1)
     panel = torch.stack([x0] + recon, 1).flatten(0, 1)  # rows: original, then reconstructions from each t
@@ -496,7 +460,6 @@ def diagnostics(model, alphas_cumprod, images, labels, classes, args, out, write
 
 
 # ----------------------------------------------------------------------------- EMA, checkpoints, FID
-
 @torch.no_grad()
 def update_ema(ema, model, decay):
     for pe, p in zip(ema.parameters(), model.parameters()):
@@ -519,7 +482,7 @@ def load_checkpoint(path, device):
         die(f"{path} is not a readable checkpoint ({type(e).__name__})")
 
 def build_model(cfg, n_classes, ctx_dim):
-    return UNet(cfg["width"], cfg["depth"], n_classes, ctx_dim, cfg["cond"], cfg["dropout"], cfg["attn_res"])
+    return UNet(cfg["width"], cfg["depth"], n_classes, ctx_dim, cfg["cond"], cfg["dropout"])
 
 def load_weights(module, state, path):
     try:
@@ -536,9 +499,9 @@ def run_fid(args, model, alphas_cumprod, classes, rank, world):
     fake = ((generate(model, alphas_cumprod, [j % n for j in mine[i:i + 100]], args, seed=args.seed + i + 1) + 1) / 2
             for i in range(0, len(mine), 100))
     src = "folder" if args.image_folder else "stl10-test"
-    cache = os.path.join(args.data_dir, f"fid_stats_{src}_{IMAGE_SIZE}_{args.fid}.npz")
-    res = fid.evaluate(fake, real, len(mine), cache=None if args.image_folder else cache, inception_score=True,
-                       weights=args.fid_weights, device=alphas_cumprod.device)
+    cache = None if args.image_folder else os.path.join(args.data_dir, f"fid_stats_{src}_{IMAGE_SIZE}_{args.fid}.npz")
+    res = fid.evaluate(fake, real, len(mine), cache=cache, inception_score=True, weights=args.fid_weights,
+                       device=alphas_cumprod.device)
     if rank == 0:
         res.update(sampler=args.sampler, sample_steps=args.sample_steps, cfg=args.cfg[0], eta=args.eta[0], real=src)
         json.dump(res, open(os.path.join(args.out_dir, "fid.json"), "w"), indent=2)
@@ -546,7 +509,6 @@ def run_fid(args, model, alphas_cumprod, classes, rank, world):
 
 
 # ----------------------------------------------------------------------------- training
-
 def setup(args):
     """Device and DistributedDataParallel: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE."""
     ddp = "RANK" in os.environ
@@ -566,32 +528,19 @@ def autocast(args, device):
     bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
     return torch.autocast(device.type, torch.bfloat16) if bf16 else nullcontext()
 
-def lr_at(step, args):
-    """Linear warm-up to --lr, then cosine decay to 0 at --iters (the seed's schedule)."""
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    return args.lr * 0.5 * (1 + math.cos(math.pi * (step - args.warmup) / max(1, args.iters - args.warmup)))
-
-def init_model(args, classes, device):
-    """Model (CLIP table loaded as a frozen buffer), EMA copy and AdamW (fused on CUDA)."""
-    emb = text_embeddings(args, classes) if args.cond == "clip" else None
-    ctx_dim = emb.shape[1] if emb is not None else 4 * args.width
-    raw = build_model(vars(args), len(classes), ctx_dim)
-    if emb is not None:
-        raw.text_emb.copy_(emb)
-    raw = raw.to(device).to(memory_format=torch.channels_last)
-    ema = copy.deepcopy(raw).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                            fused=device.type == "cuda")
-    return raw, ema, opt, ctx_dim
-
 def train(args, device, ddp, rank, world):
     master = rank == 0
     torch.manual_seed(args.seed + rank)
     images, labels, classes = get_data(args)
-    images = images.pin_memory() if device.type == "cuda" else images
     alphas_cumprod = make_alphas_cumprod(args.schedule, args.steps, device)
-    raw, ema, opt, ctx_dim = init_model(args, classes, device)
+    emb = text_embeddings(args, classes) if args.cond == "clip" else None
+    ctx_dim = emb.shape[1] if emb is not None else 4 * args.width
+    raw = build_model(vars(args), len(classes), ctx_dim)
+    if emb is not None:
+        raw.text_emb.copy_(emb)  # the frozen CLIP table, a buffer saved with the weights
+    raw = raw.to(device).to(memory_format=torch.channels_last)
+    ema = copy.deepcopy(raw).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
     ckpt_path, step = os.path.join(args.out_dir, "ckpt.pt"), 0
     if args.resume:
         ck = load_checkpoint(ckpt_path, device)
@@ -602,19 +551,21 @@ def train(args, device, ddp, rank, world):
         torch.set_rng_state(ck["rng"][rank].cpu() if len(ck["rng"]) == world else ck["rng"][0].cpu())
     model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw
     model = torch.compile(model) if args.compile else model
-    writer = None
+    writer = tensorboard_writer(args) if master else None
     if master:
         os.makedirs(args.out_dir, exist_ok=True)
         json.dump(vars(args), open(os.path.join(args.out_dir, "config.json"), "w"), indent=2)
-        writer = tensorboard_writer(args)
-        print(f"{sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, {len(images)} images, {len(classes)} "
-              f"classes, cond {args.cond} (dim {ctx_dim}), global batch {args.batch_size * args.accum * world}, {device}")
+        print(f"{sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, {len(images)} images, "
+              f"{len(classes)} classes, cond {args.cond} (dim {ctx_dim}), global batch "
+              f"{args.batch_size * args.accum * world}, {device}")
     log = open(os.path.join(args.out_dir, "log.jsonl"), "a") if master else None
     stream = batches(len(images), args.batch_size, args.seed, rank, world, step * args.accum)
     loss_sum, n_loss, t0, t_log = torch.zeros((), device=device), 0, time.time(), time.time()
     pbar = tqdm(range(step, args.iters), initial=step, total=args.iters, disable=not master)
     for step in pbar:
-        lr = lr_at(step, args)
+        # the seed's learning rate: linear warm-up, then cosine decay to 0 at --iters
+        decay = 0.5 * (1 + math.cos(math.pi * max(0, step - args.warmup) / max(1, args.iters - args.warmup)))
+        lr = args.lr * min(1.0, (step + 1) / args.warmup) * decay
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)
@@ -644,17 +595,17 @@ def train(args, device, ddp, rank, world):
             loss_sum, n_loss, t_log = torch.zeros((), device=device), 0, time.time()
             if master:
                 pbar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.1f}")
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
+                print(json.dumps(rec), file=log, flush=True)
                 for k in ("loss", "lr", "img_per_s") if writer else ():
                     writer.add_scalar(k, rec[k], done)
-        if done % args.ckpt_every == 0 or done == args.iters:
+        periodic = args.save_every and done % args.save_every == 0
+        if done % args.ckpt_every == 0 or done == args.iters or periodic:
             rng = gather_rng(ddp, world)
             state = dict(model=raw.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=done,
                          config=vars(args), rng=rng, classes=classes, context_dim=ctx_dim)
             if master:
                 save_checkpoint(ckpt_path, state)
-                if args.save_every and done % args.save_every == 0:
+                if periodic:
                     save_checkpoint(os.path.join(args.out_dir, f"ckpt_{done}.pt"), state)
                     prune_checkpoints(args.out_dir, args.keep)
         if master and (done % args.sample_every == 0 or done == args.iters):
@@ -671,11 +622,9 @@ def train(args, device, ddp, rank, world):
 
 def gather_rng(ddp, world):
     """Every rank's torch RNG state, so a resumed run continues each rank's random stream."""
-    state = torch.get_rng_state()
-    if not ddp:
-        return [state]
-    states = [None] * world
-    dist.all_gather_object(states, state)
+    states = [torch.get_rng_state()] * world
+    if ddp:
+        dist.all_gather_object(states, states[0])
     return states
 
 def prune_checkpoints(out_dir, keep):
@@ -694,7 +643,6 @@ def tensorboard_writer(args):
 
 
 # ----------------------------------------------------------------------------- sampling entry points
-
 def parse_labels(tokens, n_classes):
     """Indices 0..n_classes-1, n_classes (or 'uncond') for the unconditional row, 'all' for every row."""
     out = []
@@ -721,33 +669,24 @@ def sample_main(args, device):
     os.makedirs(args.out_dir, exist_ok=True)
     with autocast(args, device):
         if args.diagnostics:
-            images, labels_, _ = get_data(argparse.Namespace(**cfg))  # the run's own training images
-            diagnostics(model, alphas_cumprod, images, labels_, classes, args,
+            images, image_labels, _ = get_data(argparse.Namespace(**cfg))  # the run's own training images
+            diagnostics(model, alphas_cumprod, images, image_labels, classes, args,
                         os.path.join(args.out_dir, "diagnostics", f"step_{ck['step']}"))
             print(f"wrote diagnostics (step {ck['step']}) to {args.out_dir}/diagnostics/step_{ck['step']}")
-        if args.sweep:
-            sweep(model, labels, cfg["steps"], args, device)
+        for schedule in args.schedules if args.sweep else []:  # the seed's inference_sweeps, DDIM on K steps
+            ab, folder = make_alphas_cumprod(schedule, cfg["steps"], device), os.path.join(args.out_dir, "sweeps", schedule)
+            os.makedirs(folder, exist_ok=True)
+            for w, eta in [(w, eta) for w in args.cfg for eta in args.eta]:
+                x = generate(model, ab, labels, args, args.seed, w=w, eta=eta, sampler="ddim")
+                save_grid(x, os.path.join(folder, f"grid_{schedule}_cfg{w}_eta{eta}.png"), args.n)
         if args.sample:
             trace = []
             x = generate(model, alphas_cumprod, labels, args, args.seed, trace)
             save_grid(x, os.path.join(args.out_dir, "samples.png"), args.n)
-            path_figure(trace, min(len(x), 10), os.path.join(args.out_dir, "reverse.png"))
             if args.gif:
                 save_gif(trace, os.path.join(args.out_dir, "denoise.gif"), args.n)
             print(f"wrote {len(x)} samples (step {ck['step']}) to {args.out_dir}/samples.png")
     return model, alphas_cumprod, classes
-
-def sweep(model, labels, T, args, device):
-    """The seed's inference_sweeps: one grid per schedule x cfg x eta (DDIM on --sample-steps, same seed)."""
-    for schedule in args.schedules:
-        os.makedirs(os.path.join(args.out_dir, "sweeps", schedule), exist_ok=True)
-        alphas_cumprod = make_alphas_cumprod(schedule, T, device)
-        for w in args.cfg:
-            for eta in args.eta:
-                x = generate(model, alphas_cumprod, labels, args, args.seed, w=w, eta=eta, sampler="ddim")
-                name = f"grid_{schedule}_cfg{float(w)}_eta{float(eta)}.png"
-                save_grid(x, os.path.join(args.out_dir, "sweeps", schedule, name), args.n)
-    print(f"wrote {len(args.schedules) * len(args.cfg) * len(args.eta)} grids to {args.out_dir}/sweeps/")
 
 def main(argv=None):
     args = get_args(argv)
