@@ -69,7 +69,7 @@ def get_args(argv=None):
     g.add_argument("--ckpt-every", type=int, default=1000, help="steps between ckpt.pt saves (and each epoch)")
     g.add_argument("--save-every", type=int, default=0, help="also keep ckpt_<step>.pt every N epochs (seed: 40)")
     g.add_argument("--keep", type=int, default=0, help="keep at most K periodic checkpoints (0: all)")
-    g.add_argument("--recon-t", type=int, default=300, help="timestep of reconstruction.png's noising")
+    g.add_argument("--recon-t", type=float, default=0.3, help="reconstruction.png's noise level t0 / T")
     g.add_argument("--resume", action="store_true", help="continue from the run's ckpt.pt")
     g = p.add_argument_group("sampling and evaluation")
     g.add_argument("--sample", action="store_true", help="no training: sample from --ckpt")
@@ -106,7 +106,7 @@ def get_args(argv=None):
                      ("--batch-size", args.batch_size > 0), ("--accum", args.accum > 0),
                      ("--p-uncond", 0 <= args.p_uncond < 1), ("--heads", args.width % args.heads == 0),
                      ("--kv-heads", 0 < args.kv_heads <= args.heads and args.heads % args.kv_heads == 0),
-                     ("--patch", IMAGE_SIZE % args.patch == 0), ("--recon-t", 0 < args.recon_t < args.steps),
+                     ("--patch", IMAGE_SIZE % args.patch == 0), ("--recon-t", 0 < args.recon_t < 1),
                      ("--fid", not args.eval or args.fid > 1)]:
         if not ok:
             die(f"{flag} is out of range (see --help)")
@@ -608,7 +608,8 @@ def finish(args, ema, alphas_cumprod, images, labels, n_classes, step, best, wri
     path_figure(trace, list(range(0, n, 10)), os.path.join(args.out_dir, "timestep_grid.png"))
     first = [int((labels == c).nonzero()[0]) for c in range(n_classes) if (labels == c).any()]
     x0 = images[first].to(device).float() / 127.5 - 1
-    rec = reconstruct(ema, x0, labels[first].to(device), alphas_cumprod, args.recon_t,
+    t0 = round(args.recon_t * (args.steps - 1))
+    rec = reconstruct(ema, x0, labels[first].to(device), alphas_cumprod, t0,
                       os.path.join(args.out_dir, "reconstruction.png"))
     recs = [json.loads(line) for line in open(os.path.join(args.out_dir, "log.jsonl"))]
     times = [r["epoch_time"] for r in recs if "epoch_time" in r]  # over all resumed parts of the run
@@ -617,7 +618,7 @@ def finish(args, ema, alphas_cumprod, images, labels, n_classes, step, best, wri
                                   f"({len(times)} epochs)")
     loss = [r["loss"] for r in recs if "loss" in r][-1]
     print(f"done: {step} steps in {total:.0f}s ({total / n_ep:.1f}s per epoch), loss {loss:.4f}, "
-          f"best validation loss {best:.4f}, reconstruction MSE at t={args.recon_t} {rec:.4f} -> {args.out_dir}")
+          f"best validation loss {best:.4f}, reconstruction MSE at t={t0} {rec:.4f} -> {args.out_dir}")
 
 def plot_loss(out_dir, recs, title):
     try:

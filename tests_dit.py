@@ -13,7 +13,7 @@ import torch
 
 # ----------------------------------------------------------------------------- cifar_dit_ddp.py
 
-DIT_TINY = [*TINY, "--heads", "4", "--kv-heads", "2", "--recon-t", "10", "--ckpt-every", "100", "--lr", "1e-3",
+DIT_TINY = [*TINY, "--heads", "4", "--kv-heads", "2", "--recon-t", "0.5", "--ckpt-every", "100", "--lr", "1e-3",
             "--warmup", "1"]
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
