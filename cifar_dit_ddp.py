@@ -128,8 +128,9 @@ def get_data(args):
             ds = torchvision.datasets.ImageFolder(args.image_folder, transform=tf)
         except (FileNotFoundError, RuntimeError) as e:
             die(f"--image-folder {args.image_folder}: {e}".splitlines()[0])
-        order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))  # a folder is sorted by class:
-        images = torch.stack([ds[i][0] for i in order])  # mixed once, fixed, so --limit and the hold-out see all classes
+        # a folder is sorted by class: mix it once (fixed seed) so --limit and the hold-out see every class
+        order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))
+        images = torch.stack([ds[i][0] for i in order])
         labels, classes = torch.tensor(ds.targets)[order], ds.classes
     else:
         wait = dist.is_initialized() and int(os.environ.get("LOCAL_RANK", 0)) > 0  # one download per machine:
@@ -415,7 +416,7 @@ def run_fid(args, model, alphas_cumprod, n_classes, ckpt, rank, world):
     real = (images[c].float() / 255 for c in chunks)
     fake = ((generate(model, alphas_cumprod, [j % n_classes for j in c], args, n_classes, seed=args.seed + 1 + c[0])
              + 1) / 2 for c in chunks)
-    cache = None if args.image_folder or args.limit else os.path.join(args.data_dir, f"fid_stats_cifar10_{args.fid}.npz")
+    cache = None if args.image_folder or args.limit else f"{args.data_dir}/fid_stats_cifar10_{args.fid}.npz"
     res = fid.evaluate(fake, real, sum(map(len, chunks)), cache=cache,
                        inception_score=args.inception, weights=args.fid_weights, device=alphas_cumprod.device)
     if rank == 0:  # the seed's keys (the choice over SPEC's fid.json)

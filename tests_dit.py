@@ -7,7 +7,6 @@ import sys
 import urllib.error
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
