@@ -284,16 +284,20 @@ def cfg_denoiser(model, y, w, null):
 def sample_timesteps(T, steps):
     return torch.linspace(T - 1, 0, steps).round().long().tolist()
 
-def ddim_sample(eps_fn, x, alphas_cumprod, steps, eta, generator=None, path=None):
+def ddim_sample(eps_fn, x, alphas_cumprod, steps, eta, generator=None, path=None, clip=False):
     """DDIM (Song et al.) from x_T on `steps` timesteps. With eta=1 on all T steps this is exactly DDPM's
     ancestral sampler with the posterior variance beta_tilde. Starts at t = len(alphas_cumprod) - 1, so
-    alphas_cumprod[:t0 + 1] denoises an x_t0 (reconstruction)."""
+    alphas_cumprod[:t0 + 1] denoises an x_t0 (reconstruction). clip (images): x0 clamped to [-1, 1] and eps
+    recomputed from it; x0 = (x - sqrt(1-abar) eps) / sqrt(abar) multiplies eps errors by up to 1/sqrt(abar)."""
     ts = sample_timesteps(len(alphas_cumprod), steps)
     for i, t in enumerate(tqdm(ts, desc="sampling", leave=False, disable=len(ts) < 50)):
         abar = alphas_cumprod[t]
         abar_prev = alphas_cumprod[ts[i + 1]] if i + 1 < len(ts) else torch.ones_like(abar)
         eps = eps_fn(x, torch.full((x.shape[0],), t, device=x.device))
         x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
+        if clip:
+            x0 = x0.clamp(-1, 1)
+            eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
         # sigma^2 = eta^2 * (1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)
         sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
         x = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
@@ -303,7 +307,7 @@ def ddim_sample(eps_fn, x, alphas_cumprod, steps, eta, generator=None, path=None
             path.append(x.cpu())
     return x
 
-def dpmpp_sample(eps_fn, x, alphas_cumprod, steps, path=None):
+def dpmpp_sample(eps_fn, x, alphas_cumprod, steps, path=None, clip=False):
     """DPM-Solver++(2M) (Lu et al. 2022) in data prediction, lambda = log(alpha / sigma); the last step,
     to the clean image, is first order. Timesteps are uniform in lambda, from lambda = -5 (below it
     x_t is pure noise) to lambda at t=0."""
@@ -314,6 +318,7 @@ def dpmpp_sample(eps_fn, x, alphas_cumprod, steps, path=None):
     x0_prev, h_prev = None, None
     for i, t in enumerate(tqdm(ts, desc="sampling", leave=False, disable=len(ts) < 50)):
         x0 = (x - sigma[t] * eps_fn(x, torch.full((x.shape[0],), t, device=x.device))) / alpha[t]
+        x0 = x0.clamp(-1, 1) if clip else x0  # as in ddim_sample
         if i + 1 == len(ts):
             x = x0
         else:
@@ -329,10 +334,10 @@ def dpmpp_sample(eps_fn, x, alphas_cumprod, steps, path=None):
 def sample(eps_fn, x, alphas_cumprod, args, generator=None, path=None):
     T, K = len(alphas_cumprod), min(args.sample_steps, len(alphas_cumprod))
     if args.sampler == "ddpm":
-        return ddim_sample(eps_fn, x, alphas_cumprod, T, 1.0, generator, path)
+        return ddim_sample(eps_fn, x, alphas_cumprod, T, 1.0, generator, path, clip=True)
     if args.sampler == "ddim":
-        return ddim_sample(eps_fn, x, alphas_cumprod, K, args.eta, generator, path)
-    return dpmpp_sample(eps_fn, x, alphas_cumprod, K, path)
+        return ddim_sample(eps_fn, x, alphas_cumprod, K, args.eta, generator, path, clip=True)
+    return dpmpp_sample(eps_fn, x, alphas_cumprod, K, path, clip=True)
 
 @torch.no_grad()
 def generate(model, alphas_cumprod, labels, args, n_classes, seed=0, path=None):
@@ -365,7 +370,8 @@ def reconstruct(model, x0, y, alphas_cumprod, t0, out):
     g = torch.Generator().manual_seed(0)
     xt = q_sample(x0, torch.full((len(x0),), t0, device=x0.device),
                   torch.randn(x0.shape, generator=g).to(x0.device), alphas_cumprod)
-    rec = ddim_sample(lambda x, t: model(x, t, y).float(), xt, alphas_cumprod[:t0 + 1], min(50, t0 + 1), 0.0)
+    rec = ddim_sample(lambda x, t: model(x, t, y).float(), xt, alphas_cumprod[:t0 + 1], min(50, t0 + 1), 0.0,
+                      clip=True)
     rec = rec.clamp(-1, 1)
     save_grid(torch.cat([x0, xt.clamp(-1, 1), rec]), out, len(x0))
     return F.mse_loss(rec, x0).item()
