@@ -227,8 +227,8 @@ def test_cifar_schedules():
 
 def test_cifar_periodic_checkpoints_and_config_rerun(cifar_data, tmp_path):
     out = str(tmp_path / "out")
-    assert run("cifar_cfg_unet", "--data-dir", cifar_data, "--out-dir", out, *CIFAR_TINY, "--iters", "7", "--limit", "16",
-               "--save-every", "2", "--keep", "2", "--ckpt-every", "2", "--sample-every", "100", "--loss", "l1") == 0
+    assert run("cifar_cfg_unet", "--data-dir", cifar_data, "--out-dir", out, *CIFAR_TINY, "--iters", "7",
+               "--limit", "16", "--save-every", "2", "--keep", "2", "--ckpt-every", "2", "--sample-every", "100", "--loss", "l1") == 0
     assert sorted(f for f in os.listdir(out) if f.startswith("ckpt_")) == ["ckpt_4.pt", "ckpt_6.pt"]
     assert load(os.path.join(out, "ckpt.pt"))["step"] == 7
     assert json.load(open(os.path.join(out, "loss_history.json")))["epochs"] == [0, 1, 2]  # 2 steps per epoch
@@ -244,8 +244,8 @@ def test_cifar_tensorboard_scalars(cifar_data, tmp_path):
     pytest.importorskip("tensorboard", reason="CI installs tensorboard; locally optional")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out = str(tmp_path / "out")
-    assert run("cifar_cfg_unet", "--data-dir", cifar_data, "--out-dir", out, *CIFAR_TINY, "--limit", "16", "--epochs", "1",
-               "--tensorboard") == 0
+    assert run("cifar_cfg_unet", "--data-dir", cifar_data, "--out-dir", out, *CIFAR_TINY, "--limit", "16",
+               "--epochs", "1", "--tensorboard") == 0
     tags = EventAccumulator(os.path.join(out, "tb")).Reload().Tags()
     assert {"loss", "lr", "img_per_s", "val_loss", "test_loss"} <= set(tags["scalars"]) and "samples" in tags["images"]
 
@@ -275,3 +275,24 @@ def test_cifar_image_folder(tmp_path):
     assert run("cifar_cfg_unet", "--image-folder", folder, "--out-dir", out, *CIFAR_TINY, "--iters", "2") == 0
     assert image_size(os.path.join(out, "samples_2.png")) == (10 * 33 + 1, 4 * 33 + 1)  # 3 classes + uncond
     assert load(os.path.join(out, "ckpt.pt"))["classes"] == ["cat", "dog", "ship"]
+
+
+def test_cifar_torchrun_two_processes(tmp_path):
+    folder = make_image_folder(str(tmp_path / "imgs"), per_class=8)  # 20 train images: 1 step per epoch at 2 x 8
+    out = str(tmp_path / "out")
+    r = torchrun("cifar_cfg_unet.py", 2, "--image-folder", folder, "--out-dir", out, *CIFAR_TINY, "--epochs", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "global batch 16" in r.stdout
+    ck = load(os.path.join(out, "ckpt.pt"))
+    assert ck["step"] == 2 and len(ck["rng"]) == 2 and not torch.equal(ck["rng"][0], ck["rng"][1])
+    assert ck["history"]["epochs"] == [0, 1] and len(open(os.path.join(out, "log.jsonl")).readlines()) == 2
+
+
+def test_cifar_fid_writes_json(cifar_run, tmp_path, monkeypatch):
+    fid = pytest.importorskip("fid")
+    real_inception = fid.inception_v3
+    monkeypatch.setattr(fid, "inception_v3", lambda weights="download": real_inception(None))  # random weights
+    assert run("cifar_cfg_unet", "--sample", "--ckpt", cifar_run.ckpt, "--out-dir", str(tmp_path), "--fid", "8",
+               "--data-dir", cifar_run.data, "--device", "cpu", "--sample-steps", "2", "--n", "1") == 0
+    res = json.load(open(tmp_path / "fid.json"))
+    assert res["n"] == 8 and np.isfinite(res["fid"]) and res["fid"] > 0 and res["cfg"] == 3.0
