@@ -123,8 +123,9 @@ def get_data(args, train=True):
             ds = torchvision.datasets.ImageFolder(args.image_folder, transform=tf)
         except (FileNotFoundError, RuntimeError) as e:
             die(f"--image-folder {args.image_folder}: {e}".splitlines()[0])
-        images = torch.stack([x for x, _ in ds])
-        labels, classes = torch.tensor(ds.targets), ds.classes
+        order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))  # folders list class by class
+        images = torch.stack([ds[i][0] for i in order])
+        labels, classes = torch.tensor(ds.targets)[order], ds.classes
     else:
         try:
             ds = torchvision.datasets.MNIST(args.data_dir, train=train, download=True)
@@ -243,7 +244,7 @@ class UNet(nn.Module):
 
 def make_betas(schedule, T):
     if schedule == "linear":  # Ho et al.: 1e-4 .. 0.02 at T=1000, scaled so any T ends equally noisy
-        return torch.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=torch.float64)
+        return torch.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=torch.float64).clamp(max=0.999)
     # cosine (Nichol & Dhariwal): abar(t) = f(t)/f(0), f(t) = cos((t/T + s)/(1 + s) * pi/2)^2
     f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + 0.008) / 1.008 * math.pi / 2) ** 2
     return (1 - f[1:] / f[:-1]).clamp(max=0.999)

@@ -234,6 +234,7 @@ def test_mnist_schedules():
     for name in ("linear", "cosine"):
         ab = torch.cumprod(1 - m.make_betas(name, 1000), 0)
         assert (ab[1:] < ab[:-1]).all() and 0 < ab[-1] < 1e-3 and ab[0] > 0.999
+        assert (m.make_betas(name, 20) < 1).all()  # short schedules keep abar > 0
     t = torch.tensor([0.0, 250, 500, 999])
     f = lambda u: torch.cos((u / 1000 + 0.008) / 1.008 * torch.pi / 2) ** 2
     ab = torch.cumprod(1 - m.make_betas("cosine", 1000), 0)
