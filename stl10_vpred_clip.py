@@ -117,8 +117,6 @@ def die(msg):
 def get_data(args, train=True):
     """The whole data set as uint8 [N, 3, 96, 96] plus labels [N] and the class names."""
     if args.image_folder:
-        if not os.path.isdir(args.image_folder):
-            die(f"--image-folder: no such folder {args.image_folder}")
         tf = torchvision.transforms
         try:
             ds = torchvision.datasets.ImageFolder(args.image_folder, transform=tf.Compose(
@@ -143,18 +141,20 @@ def get_data(args, train=True):
     return images, labels, list(classes)
 
 def batches(n, batch_size, seed, rank, world, start_step):
-    """Index batches forever, epoch after epoch; the same seed and step give the same batch."""
+    """Index batches forever, epoch after epoch; the same seed and step give the same batch. The batch size
+    is checked here, before training starts, not at the first batch."""
     sampler = DistributedSampler(range(n), world, rank, shuffle=True, seed=seed, drop_last=True)
     per_epoch = len(sampler) // batch_size
     if per_epoch == 0:
         die(f"--batch-size {batch_size} is larger than the data set ({len(sampler)} images per device)")
-    epoch, skip = divmod(start_step, per_epoch)
-    while True:
-        sampler.set_epoch(epoch)
-        idx = torch.tensor(list(sampler))
-        for b in range(skip, per_epoch):
-            yield idx[b * batch_size:(b + 1) * batch_size]
-        epoch, skip = epoch + 1, 0
+    def stream(epoch, skip):
+        while True:
+            sampler.set_epoch(epoch)
+            idx = torch.tensor(list(sampler))
+            for b in range(skip, per_epoch):
+                yield idx[b * batch_size:(b + 1) * batch_size]
+            epoch, skip = epoch + 1, 0
+    return stream(*divmod(start_step, per_epoch))
 
 def text_embeddings(args, classes):
     """[n+1, D] embeddings of "a photo of a {class}" and "" (index n): --text-emb, the cache, or open_clip."""
@@ -241,8 +241,7 @@ class UNet(nn.Module):
         else:
             self.label_emb = nn.Embedding(n_classes + 1, ctx_dim)
         block = lambda ci, co, res: Block(ci, co, emb_dim, ctx_dim, dropout, res <= 24)  # self-attn at 24, 12
-        self.stem = nn.Conv2d(CHANNELS, width, 3, padding=1)
-        self.down, skips, c = nn.ModuleList(), [width], width
+        self.stem, self.down, skips, c = nn.Conv2d(CHANNELS, width, 3, padding=1), nn.ModuleList(), [width], width
         for i, co in enumerate(chs):
             for _ in range(depth):
                 self.down.append(block(c, co, IMAGE_SIZE >> i))
@@ -327,9 +326,9 @@ def cfg_denoiser(model, y, w, null):
 def sample_timesteps(t_start, steps):
     return torch.linspace(t_start, 0, steps).round().long().tolist()
 
-def ddim_sample(eps_fn, x, alphas_cumprod, steps, eta, generator=None, path=None, t_start=None):
-    """DDIM (Song et al.) from x at t_start (default T-1) on `steps` timesteps; eta=1 on all T steps is DDPM."""
-    ts = sample_timesteps(len(alphas_cumprod) - 1 if t_start is None else t_start, steps)
+def ddim_sample(eps_fn, x, alphas_cumprod, steps, eta, generator=None, path=None, t_start=-1):
+    """DDIM (Song et al.) from x at t_start (-1: T-1) on `steps` timesteps; eta=1 on all T steps is DDPM."""
+    ts = sample_timesteps(t_start % len(alphas_cumprod), steps)
     for i, t in enumerate(tqdm(ts, desc="sampling", leave=False, disable=len(ts) < 50)):
         abar = alphas_cumprod[t]
         abar_prev = alphas_cumprod[ts[i + 1]] if i + 1 < len(ts) else torch.ones_like(abar)
@@ -344,12 +343,11 @@ def ddim_sample(eps_fn, x, alphas_cumprod, steps, eta, generator=None, path=None
             path.append(x.cpu())
     return x
 
-def dpmpp_sample(eps_fn, x, alphas_cumprod, steps, path=None, t_start=None):
+def dpmpp_sample(eps_fn, x, alphas_cumprod, steps, path=None, t_start=-1):
     """DPM-Solver++(2M) (Lu et al. 2022) in data prediction, lambda = log(alpha / sigma), last step first order.
     Timesteps uniform in lambda from -5 (the cosine schedule's -9.2 at T=500 is pure noise) to lambda(0)."""
     alpha, sigma = alphas_cumprod.sqrt(), (1 - alphas_cumprod).sqrt()
     lam = torch.log(alpha / sigma)
-    t_start = len(alphas_cumprod) - 1 if t_start is None else t_start
     grid = torch.linspace(max(lam[t_start].item(), -5.0), lam[0].item(), steps, device=lam.device)
     ts = sorted({int((lam - g).abs().argmin()) for g in grid}, reverse=True)
     x0_prev, h_prev = None, None
@@ -367,12 +365,12 @@ def dpmpp_sample(eps_fn, x, alphas_cumprod, steps, path=None, t_start=None):
             path.append(x.cpu())
     return x
 
-def sample(eps_fn, x, alphas_cumprod, sampler, steps, eta, generator=None, path=None, t_start=None):
-    """From x at t_start (default T-1: pure noise); a partial start takes its share of the K steps."""
+def sample(eps_fn, x, alphas_cumprod, sampler, steps, eta, generator=None, path=None, t_start=-1):
+    """From x at t_start (-1: T-1, pure noise); a partial start takes its share of the K steps."""
     T = len(alphas_cumprod)
     if sampler == "ddpm":  # ancestral: DDIM with eta=1 on every timestep
         sampler, steps, eta = "ddim", T, 1.0
-    K = max(1, round(min(steps, T) * (1.0 if t_start is None else (t_start + 1) / T)))
+    K = max(1, round(min(steps, T) * (t_start % T + 1) / T))
     if sampler == "ddim":
         return ddim_sample(eps_fn, x, alphas_cumprod, K, eta, generator, path, t_start)
     return dpmpp_sample(eps_fn, x, alphas_cumprod, K, path, t_start)
@@ -403,17 +401,14 @@ def path_figure(path, n_rows, out):
 
 def save_gif(path, out, nrow):
     frames = torch.linspace(0, len(path) - 1, min(len(path), 50)).round().long().tolist()
-    imgs = []
-    for f in frames:
-        grid = torchvision.utils.make_grid(path[f].clamp(-1, 1) * 0.5 + 0.5, nrow=nrow, padding=1)
-        imgs.append(Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy()))
+    grids = [torchvision.utils.make_grid(path[f].clamp(-1, 1) * 0.5 + 0.5, nrow=nrow, padding=1) for f in frames]
+    imgs = [Image.fromarray(g.mul(255).round().byte().permute(1, 2, 0).numpy()) for g in grids]
     imgs[0].save(out, save_all=True, append_images=imgs[1:], duration=80, loop=0)
 
 
 # ----------------------------------------------------------------------------- the seed's diagnostics
-def embedding_map(table, names, out):
-    """2-D map of the conditioning vectors, labelled: t-SNE with scikit-learn installed, else PCA."""
-    x = table
+def embedding_map(x, names, out):
+    """2-D map of the conditioning vectors x, labelled: t-SNE with scikit-learn installed, else PCA."""
     try:
         from sklearn.manifold import TSNE
         xy = torch.from_numpy(TSNE(2, perplexity=min(5, len(x) - 1), init="pca", random_state=0)
@@ -443,8 +438,7 @@ def diagnostics(model, alphas_cumprod, images, labels, classes, args, out, write
     generate(model, alphas_cumprod, [0, n // 2, n - 1, n], args, args.seed, path)
     path_figure(path, 4, os.path.join(out, "collage.png"))
     save_grid(class_grid(model, alphas_cumprod, args), os.path.join(out, f"grid_cfg{args.cfg[0]}.png"), args.n)
-    T = len(alphas_cumprod)
-    ts = [max(0, round(f * T) - 1) for f in (0.1, 0.25, 0.5, 0.75, 1.0)]
+    ts = [max(0, round(f * len(alphas_cumprod)) - 1) for f in (0.1, 0.25, 0.5, 0.75, 1.0)]
     x0 = images[:4].to(alphas_cumprod.device).float() / 127.5 - 1
     # forward-diffuse to each t (fixed noise), then reverse from t with the true class, unguided (w=1)
     g, y = torch.Generator().manual_seed(args.seed), labels[:4].to(x0.device)
@@ -469,9 +463,8 @@ def update_ema(ema, model, decay):
 
 def save_checkpoint(path, state):
     """Write to a temporary file in the same folder, then rename: a crash never leaves a broken file."""
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    torch.save(state, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
 
 def load_checkpoint(path, device):
     if not os.path.isfile(path):
@@ -674,8 +667,9 @@ def sample_main(args, device):
                         os.path.join(args.out_dir, "diagnostics", f"step_{ck['step']}"))
             print(f"wrote diagnostics (step {ck['step']}) to {args.out_dir}/diagnostics/step_{ck['step']}")
         for schedule in args.schedules if args.sweep else []:  # the seed's inference_sweeps, DDIM on K steps
-            ab, folder = make_alphas_cumprod(schedule, cfg["steps"], device), os.path.join(args.out_dir, "sweeps", schedule)
+            folder = os.path.join(args.out_dir, "sweeps", schedule)
             os.makedirs(folder, exist_ok=True)
+            ab = make_alphas_cumprod(schedule, cfg["steps"], device)
             for w, eta in [(w, eta) for w in args.cfg for eta in args.eta]:
                 x = generate(model, ab, labels, args, args.seed, w=w, eta=eta, sampler="ddim")
                 save_grid(x, os.path.join(folder, f"grid_{schedule}_cfg{w}_eta{eta}.png"), args.n)

@@ -184,8 +184,8 @@ def test_stl_cfg_on_v_is_one_doubled_batch():
     y = torch.tensor([3, 7])
     v = m.cfg_denoiser(model, y, 6.0, 10)(torch.zeros(2, 5), torch.zeros(2, dtype=torch.long))
     assert calls == [[3, 7, 10, 10]] and torch.allclose(v, torch.full((2, 5), 1 - 6.0))  # v_u + 6 (v_c - v_u)
-    m.cfg_denoiser(model, y, 0.0, 10)(torch.zeros(2, 5), torch.zeros(2, dtype=torch.long))
-    assert calls[-1] == [10, 10]  # W=0: the unconditional index only
+    v0 = m.cfg_denoiser(model, y, 0.0, 10)(torch.zeros(2, 5), torch.zeros(2, dtype=torch.long))
+    assert torch.equal(v0, torch.ones(2, 5))  # W=0: the unconditional prediction
 
 
 def test_stl_cross_attention_uses_the_context():
