@@ -519,16 +519,7 @@ def train(args, device, ddp, rank, world):
         x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
         y = None if args.uncond else labels[idx].to(device, non_blocking=True)
         lr = args.lr * min(1.0, (step + 1) / args.warmup)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        with autocast(args, device):
-            loss = p_losses(model, x0, y, alphas_cumprod, args.p_uncond, n_classes, args.loss)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
-        opt.step()
-        update_ema(ema, raw, min(args.ema, (1 + step) / (10 + step)))
+        loss = train_step(model, raw, ema, opt, x0, y, lr, alphas_cumprod, args, n_classes, step)
         loss_sum, n_loss, done = loss_sum + loss.detach(), n_loss + 1, step + 1
         epoch_end, save = done % per_epoch == 0, done % args.ckpt_every == 0 or done == total
         if done % args.log_every == 0 or save or epoch_end:
@@ -573,6 +564,20 @@ def train(args, device, ddp, rank, world):
         print(f"done: {total} steps in {time.time() - t0:.0f}s, loss {mean_loss:.4f}, reconstruction MSE by t "
               f"{ {t: round(e, 4) for t, e in errors.items()} } -> {args.out_dir}")
     return ema, alphas_cumprod, n_classes
+
+def train_step(model, raw, ema, opt, x0, y, lr, alphas_cumprod, args, n_classes, step):
+    """One AdamW step on the DDPM loss (gradients clipped), then the EMA update."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    with autocast(args, x0.device):
+        loss = p_losses(model, x0, y, alphas_cumprod, args.p_uncond, n_classes, args.loss)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if args.grad_clip:
+        torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
+    opt.step()
+    update_ema(ema, raw, min(args.ema, (1 + step) / (10 + step)))
+    return loss
 
 def end_of_epoch(model, splits, alphas_cumprod, args, n_classes, history, train_loss, epoch, writer):
     """Validation and test losses of the trained model, appended with the epoch's mean training loss to
