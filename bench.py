@@ -11,9 +11,11 @@ import argparse
 import copy
 import importlib
 import json
+import multiprocessing
 import platform
 import resource
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -60,26 +62,37 @@ def matmul_peak(device, dtype):
 
 
 def setup(name, bench, device):
-    """The script's default model (per its get_args) plus a training loss and a guided denoiser call."""
+    """The script's default model (per its own get_args), a training loss and one guided denoiser call."""
     mod = importlib.import_module(name)
     args = mod.get_args(["--width", "32", "--depth", "1"] if bench.tiny else [])
-    cfg = vars(args)
-    B, S = bench.batch_size, bench.sample_batch
+    cfg, w = vars(args), args.cfg[0] if isinstance(args.cfg, list) else args.cfg  # stl10 takes a list of scales
+    ab = torch.cumprod(1 - mod.make_betas(args.schedule, args.steps), 0).float().to(device)
     if name == "mnist_ddpm":
-        model, ab = mod.build_model(cfg), mod.make_alphas_cumprod(cfg, device)
-        shape, n_classes = (1, 28, 28), 10
-        loss = lambda m, x, y: mod.p_losses(m, x, y, ab, args.p_uncond, n_classes)
-        denoise = lambda m, x, t, y: mod.cfg_denoiser(m, y, args.cfg, n_classes)(x, t)
+        model, shape = mod.build_model({**cfg, "classes": list("0123456789")}), (1, 28, 28)
+    elif name in ("cifar_cfg_unet", "cifar_dit_ddp"):
+        model, shape = mod.build_model(cfg, 10), (3, 32, 32)
+    elif name == "stl10_vpred_clip":
+        model, shape = mod.build_model(cfg, 10, 512), (3, 96, 96)  # CLIP ViT-B/32 text embeddings: 512-d
     else:
-        raise NotImplementedError(name)
-    model = model.to(device)
-    x, y = torch.randn(B, *shape, device=device), torch.randint(0, n_classes, (B,), device=device)
-    xs, ys = torch.randn(S, *shape, device=device), torch.randint(0, n_classes, (S,), device=device)
+        attrs = [f"attr{i}" for i in range(40)]
+        model, shape = mod.build_model({**cfg, "classes": attrs, "channels": 3, "size": 64}), (3, 64, 64)
+    if name == "celeba_crossattn":  # multi-hot attributes instead of a label
+        cond = lambda n: (torch.rand(n, 40, device=device) < 0.5).float()
+        loss = lambda m, x, c: mod.p_losses(m, x, c, ab, args.p_uncond)
+        denoise = lambda m, x, t, c: mod.cfg_denoiser(m, c, w)(x, t)
+    else:
+        cond = lambda n: torch.randint(0, 10, (n,), device=device)
+        loss = lambda m, x, y: mod.p_losses(m, x, y, ab, args.p_uncond, 10)
+        denoise = lambda m, x, t, y: mod.cfg_denoiser(m, y, w, 10)(x, t)
+    B, S = bench.batch_size, bench.sample_batch
+    x, c, xs, cs = torch.randn(B, *shape, device=device), cond(B), torch.randn(S, *shape, device=device), cond(S)
     ts = torch.full((S,), len(ab) // 2, device=device)
-    return model, lambda m: loss(m, x, y), lambda m: denoise(m, xs, ts, ys)
+    return model.to(device), lambda m: loss(m, x, c), lambda m: denoise(m, xs, ts, cs)
 
 
-def bench_script(name, bench, device, peak):
+def bench_script(name, bench, peak):
+    """Runs in a fresh process, so that the peak memory is this script's alone."""
+    device = torch.device(bench.device)
     model, loss_fn, sample_fn = setup(name, bench, device)
     unet = name != "cifar_dit_ddp"
     if unet and bench.channels_last == "on":
@@ -132,7 +145,8 @@ def main(argv=None):
           f"matmul peak {peak / 1e9:.0f} GFLOP/s ({dtype}), batch {bench.batch_size}")
     rows = []
     for name in bench.script or SCRIPTS:
-        rows.append(bench_script(name, bench, device, peak))
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            rows.append(pool.submit(bench_script, name, bench, peak).result())
     cols = list(rows[0])
     print(" | ".join(cols))
     for r in rows:

@@ -1291,3 +1291,18 @@ def test_cifar_fid_writes_json(cifar_run, tmp_path, monkeypatch):
                "--data-dir", cifar_run.data, "--device", "cpu", "--sample-steps", "2", "--n", "1") == 0
     res = json.load(open(tmp_path / "fid.json"))
     assert res["n"] == 8 and np.isfinite(res["fid"]) and res["fid"] > 0 and res["cfg"] == 3.0
+
+
+# ----------------------------------------------------------------------------- bench.py
+
+def test_bench_runs_and_writes_json(tmp_path, capsys):
+    import bench
+    out = str(tmp_path / "bench.json")
+    bench.main(["--tiny", "--script", "mnist_ddpm", "--script", "celeba_crossattn", "--batch-size", "2",
+                "--sample-batch", "2", "--steps", "1", "--out", out])
+    res = json.load(open(out))
+    assert [r["script"] for r in res["results"]] == ["mnist_ddpm", "celeba_crossattn"]
+    for r in res["results"]:
+        assert r["img_per_s"] > 0 and r["gflop_per_img"] > 0 and r["sample_step_s"] > 0 and r["peak_mem_MB"] > 0
+        assert r["achieved_gflop_s"] == pytest.approx(r["gflop_per_img"] * r["img_per_s"], rel=1e-6)
+    assert res["matmul_peak_gflop_s"] > 0 and "mnist_ddpm" in capsys.readouterr().out
