@@ -248,3 +248,15 @@ def test_stl_fid(stl_run, tmp_path, monkeypatch):
                "--labels", "1", "--n", "1", "--sample-steps", "2", "--device", "cpu") == 0
     res = json.load(open(tmp_path / "fid.json"))
     assert res["n"] == 10 and np.isfinite(res["fid"]) and res["inception_score_mean"] > 0 and res["cfg"] == 6.0
+
+
+def test_stl_torchrun_two_processes_with_accum(tmp_path):
+    folder = make_image_folder(str(tmp_path / "imgs"), per_class=4, size=32)  # a subprocess: no md5 patch, so a folder
+    out = str(tmp_path / "out")
+    r = torchrun("stl10_vpred_clip.py", 2, "--image-folder", folder, "--cond", "learned", "--out-dir", out, *STL_TINY,
+                 "--iters", "2", "--accum", "2", "--sample-every", "100", "--diag-every", "0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "global batch 8" in r.stdout  # 2 images x 2 micro-batches x 2 processes
+    ck = load(os.path.join(out, "ckpt.pt"))
+    assert ck["step"] == 2 and len(ck["rng"]) == 2 and not torch.equal(ck["rng"][0], ck["rng"][1])
+    assert len(open(os.path.join(out, "log.jsonl")).readlines()) == 2  # one writer
