@@ -75,7 +75,7 @@ def get_args(argv=None):
     g.add_argument("--sweep", action="store_true", help="no training: grids over --schedules, --cfg, --eta")
     g.add_argument("--ckpt", default=None, help="checkpoint to use (default: the run's ckpt.pt)")
     g.add_argument("--labels", "--label", nargs="+", default=["all"], help="classes; 10 or 'uncond'; 'all'")
-    g.add_argument("--n", type=int, default=8, help="samples per label (grids, --sample, --sweep)")
+    g.add_argument("--n", "--num-samples", type=int, default=8, help="samples per label (torchrun: --num-samples)")
     g.add_argument("--cfg", "--guidance_scale", type=float, nargs="+", default=[6.0],
                    help="guidance W: v_u + W*(v_c - v_u); 0 uncond, 1 cond (several with --sweep)")
     g.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], default="ddim", help="reverse process")

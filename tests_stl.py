@@ -92,7 +92,8 @@ def test_stl_diagnostics_and_sweep_from_checkpoint(stl_run, tmp_path):
         names = sorted(os.listdir(tmp_path / "sweeps" / schedule))
         assert names == sorted(f"grid_{schedule}_cfg{w}_eta{e}.png" for w in ("0.0", "6.0") for e in ("0.0", "1.0"))
         assert image_size(tmp_path / "sweeps" / schedule / names[0]) == (96, 96)  # one image: no padding
-    a, b = (np.asarray(Image.open(tmp_path / "sweeps" / s / f"grid_{s}_cfg6.0_eta0.0.png")) for s in ("cosine", "linear"))
+    a, b = (np.asarray(Image.open(tmp_path / "sweeps" / s / f"grid_{s}_cfg6.0_eta0.0.png"))
+            for s in ("cosine", "linear"))
     assert not np.array_equal(a, b)  # the schedule really changes the sampler
 
 
@@ -103,7 +104,8 @@ def test_stl_learned_cond_periodic_checkpoints_and_config(stl_data, tmp_path):
     assert sorted(f for f in os.listdir(out) if f.startswith("ckpt_")) == ["ckpt_3.pt", "ckpt_4.pt"]
     ck = load(os.path.join(out, "ckpt.pt"))
     assert ck["ema"]["label_emb.weight"].shape == (11, 4 * 32) and "text_emb" not in ck["ema"]
-    assert not torch.equal(ck["model"]["label_emb.weight"], load(os.path.join(out, "ckpt_3.pt"))["model"]["label_emb.weight"])
+    before = load(os.path.join(out, "ckpt_3.pt"))["model"]["label_emb.weight"]
+    assert not torch.equal(ck["model"]["label_emb.weight"], before)  # the label embeddings are trained
     cfg = json.load(open(os.path.join(out, "config.json")))
     out2 = str(tmp_path / "again")
     assert run("stl10_vpred_clip", "--config", os.path.join(out, "config.json"), "--out-dir", out2, "--iters", "1") == 0
@@ -253,7 +255,8 @@ def test_stl_fid(stl_run, tmp_path, monkeypatch):
 def test_stl_torchrun_two_processes_with_accum(tmp_path):
     folder = make_image_folder(str(tmp_path / "imgs"), per_class=4, size=32)  # a subprocess: no md5 patch, so a folder
     out = str(tmp_path / "out")
-    r = torchrun("stl10_vpred_clip.py", 2, "--image-folder", folder, "--cond", "learned", "--out-dir", out, *STL_TINY,
+    tiny = [a if a != "--n" else "--num-samples" for a in STL_TINY]  # torchrun's parser takes --n for its --nnodes
+    r = torchrun("stl10_vpred_clip.py", 2, "--image-folder", folder, "--cond", "learned", "--out-dir", out, *tiny,
                  "--iters", "2", "--accum", "2", "--sample-every", "100", "--diag-every", "0")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "global batch 8" in r.stdout  # 2 images x 2 micro-batches x 2 processes
