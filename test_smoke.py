@@ -108,6 +108,19 @@ def run(script, *args):
         return e.code if isinstance(e.code, int) else 1
     return 0
 
+def tiny_run(script, data, out, base, flag, first, then):
+    """Train `first` iterations (or epochs), then resume to `then`: the run a section's tests share."""
+    assert run(script, *base, flag, first) == 0
+    assert run(script, *base, flag, then, "--resume") == 0
+    return SimpleNamespace(data=data, out=out, base=base, ckpt=os.path.join(out, "ckpt.pt"))
+
+
+def assert_run_files(out, *names):
+    """The files a run must write, and no temporary checkpoint left behind."""
+    for f in names:
+        assert os.path.isfile(os.path.join(out, f)), f
+    assert not any(f.endswith(".tmp") for f in os.listdir(out))
+
 
 def assert_bad_input(capsys, script, *args):
     """Bad input ends with status 2 and a single line on stderr naming the problem."""
@@ -198,23 +211,19 @@ def mnist_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("mnist")
     data, out = make_mnist(str(root / "data")), str(root / "out")
     base = ["--data-dir", data, "--out-dir", out, *TINY, "--sample-every", "3", "--ckpt-every", "2"]
-    assert run("mnist_ddpm", *base, "--iters", "4") == 0
-    assert run("mnist_ddpm", *base, "--iters", "6", "--resume") == 0
-    return SimpleNamespace(data=data, out=out, base=base)
+    return tiny_run("mnist_ddpm", data, out, base, "--iters", 4, 6)
 
 
 def test_mnist_train_writes_run_files(mnist_run):
     out = mnist_run.out
-    for f in ("config.json", "ckpt.pt", "log.jsonl", "forward.png", "reverse.png", "samples_3.png",
-              "samples_6.png"):
-        assert os.path.isfile(os.path.join(out, f)), f
+    assert_run_files(out, "config.json", "ckpt.pt", "log.jsonl", "forward.png",
+                     "reverse.png", "samples_3.png", "samples_6.png")
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]  # resumed at 4, not restarted
     assert {"loss", "lr", "img_per_s", "elapsed"} <= log[0].keys()
     assert json.load(open(os.path.join(out, "config.json")))["iters"] == 6
     ck = load(os.path.join(out, "ckpt.pt"))
     assert ck["step"] == 6 and {"model", "ema", "opt", "rng", "config"} <= ck.keys()
-    assert not any(f.endswith(".tmp") for f in os.listdir(out))
     # 11 rows (10 digits + unconditional) of 10 samples, 28 px with 1 px padding
     assert image_size(os.path.join(out, "samples_6.png")) == (10 * 29 + 1, 11 * 29 + 1)
 
@@ -372,9 +381,7 @@ def cifar_run(cifar_data, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("cifar_out"))
     base = ["--data-dir", cifar_data, "--out-dir", out, *CIFAR_TINY, "--limit", "32", "--ckpt-every", "2",
             "--sample-every", "100"]
-    assert run("cifar_cfg_unet", *base, "--epochs", "1") == 0
-    assert run("cifar_cfg_unet", *base, "--epochs", "2", "--resume") == 0
-    return type("Run", (), dict(data=cifar_data, out=out, base=base, ckpt=os.path.join(out, "ckpt.pt")))
+    return tiny_run("cifar_cfg_unet", cifar_data, out, base, "--epochs", 1, 2)
 
 
 def test_cifar_loader_reads_the_pickles(cifar_data):
@@ -396,9 +403,8 @@ def test_cifar_loader_reads_the_pickles(cifar_data):
 
 def test_cifar_train_writes_run_files(cifar_run):
     out = cifar_run.out
-    for f in ("config.json", "ckpt.pt", "log.jsonl", "loss_history.json", "samples_4.png", "samples_8.png",
-              "reconstruction.png"):
-        assert os.path.isfile(os.path.join(out, f)), f
+    assert_run_files(out, "config.json", "ckpt.pt", "log.jsonl", "loss_history.json",
+                     "samples_4.png", "samples_8.png", "reconstruction.png")
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert [r["step"] for r in log] == list(range(1, 9))  # resumed at 4, not restarted
     hist = json.load(open(os.path.join(out, "loss_history.json")))
@@ -407,7 +413,6 @@ def test_cifar_train_writes_run_files(cifar_run):
     assert abs(hist["train_loss"][1] - np.mean([r["loss"] for r in log[4:]])) < 1e-6  # the epoch's mean
     ck = load(os.path.join(out, "ckpt.pt"))
     assert ck["step"] == 8 and ck["history"] == hist and ck["classes"][0] == "airplane"
-    assert not any(f.endswith(".tmp") for f in os.listdir(out))
     assert image_size(os.path.join(out, "samples_8.png")) == (10 * 33 + 1, 11 * 33 + 1)  # 10 classes + uncond
     assert image_size(os.path.join(out, "reconstruction.png")) == (7 * 33 + 1, 8 * 33 + 1)
 
@@ -614,15 +619,13 @@ def dit_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("dit")
     data, out = make_cifar(str(root / "data"), per_class=5, test_per_class=1), str(root / "out")
     base = ["--data-dir", data, "--out-dir", out, *DIT_TINY, "--save-every", "1", "--keep", "1"]
-    assert run("cifar_dit_ddp", *base, "--epochs", "2") == 0
-    assert run("cifar_dit_ddp", *base, "--epochs", "3", "--resume") == 0
-    return SimpleNamespace(data=data, out=out, base=base, ckpt=os.path.join(out, "ckpt.pt"))
+    return tiny_run("cifar_dit_ddp", data, out, base, "--epochs", 2, 3)
 
 
 def test_dit_train_writes_run_files(dit_run):
     out = dit_run.out
-    for f in ("config.json", "ckpt.pt", "best.pt", "log.jsonl", "samples_15.png", "reconstruction.png"):
-        assert os.path.isfile(os.path.join(out, f)), f
+    assert_run_files(out, "config.json", "ckpt.pt", "best.pt", "log.jsonl", "samples_15.png",
+                     "reconstruction.png")
     assert sorted(f for f in os.listdir(out) if f.startswith("ckpt_")) == ["ckpt_15.pt"]  # --keep 1
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert [r["step"] for r in log if "loss" in r] == list(range(1, 16))  # resumed at 10, not restarted
@@ -632,7 +635,6 @@ def test_dit_train_writes_run_files(dit_run):
     assert ck["step"] == 15 and {"model", "ema", "opt", "rng", "config", "classes"} <= ck.keys()
     assert ck["classes"] == CIFAR_CLASSES and ck["best_val"] == min(r["val_loss"] for r in epochs)
     assert best["best_val"] == ck["best_val"] and best["step"] in (5, 10, 15)
-    assert not any(f.endswith(".tmp") for f in os.listdir(out))
     assert image_size(os.path.join(out, "samples_15.png")) == (10 * 33 + 1, 11 * 33 + 1)  # + uncond row
     assert image_size(os.path.join(out, "sample_grid.png")) == (10 * 33 + 1, 10 * 33 + 1)  # seed's 10x10
     assert image_size(os.path.join(out, "timestep_grid.png")) == (4 * 33 + 1, 10 * 33 + 1)  # 4 sampler steps
@@ -841,9 +843,7 @@ def stl_run(stl_data, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("stl_run"))
     base = ["--data-dir", stl_data.data, "--text-emb", stl_data.emb, "--out-dir", out, *STL_TINY, "--accum", "2",
             "--ckpt-every", "1", "--sample-every", "3", "--diag-every", "3", "--cfg", "1"]
-    assert run("stl10_vpred_clip", *base, "--iters", "2") == 0
-    assert run("stl10_vpred_clip", *base, "--iters", "3", "--resume") == 0
-    return SimpleNamespace(out=out, base=base, ckpt=os.path.join(out, "ckpt.pt"))
+    return tiny_run("stl10_vpred_clip", stl_data.data, out, base, "--iters", 2, 3)
 
 
 def test_stl_train_writes_run_files_and_diagnostics(stl_run, stl_data):
@@ -1094,15 +1094,13 @@ def celeba_run(tmp_path_factory):
     data, out = celeba_write(str(root / "data")), str(root / "out")
     base = ["--data-dir", data, "--out-dir", out, *CELEBA_TINY, "--ckpt-every", "2", "--save-every", "2",
             "--keep", "2"]
-    assert run("celeba_crossattn", *base, "--iters", "4") == 0
-    assert run("celeba_crossattn", *base, "--iters", "6", "--resume") == 0
-    return SimpleNamespace(data=data, out=out, base=base, ckpt=os.path.join(out, "ckpt.pt"))
+    return tiny_run("celeba_crossattn", data, out, base, "--iters", 4, 6)
 
 
 def test_celeba_train_writes_run_files(celeba_run):
     out = celeba_run.out
-    for f in ("config.json", "ckpt.pt", "log.jsonl", "samples_4.png", "samples_6.png", "reconstruct.png"):
-        assert os.path.isfile(os.path.join(out, f)), f
+    assert_run_files(out, "config.json", "ckpt.pt", "log.jsonl", "samples_4.png",
+                     "samples_6.png", "reconstruct.png")
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]  # resumed at 4, not restarted
     assert {"loss", "lr", "img_per_s", "elapsed"} <= log[0].keys()
@@ -1110,7 +1108,6 @@ def test_celeba_train_writes_run_files(celeba_run):
     assert ck["step"] == 6 and {"model", "ema", "opt", "rng", "config"} <= ck.keys()
     assert ck["config"]["classes"] == CELEBA_NAMES and ck["config"]["kind"] == "attrs"
     assert sorted(f for f in os.listdir(out) if f.startswith("ckpt_")) == ["ckpt_4.pt", "ckpt_6.pt"]
-    assert not any(f.endswith(".tmp") for f in os.listdir(out))
     # the first 8 images' attributes, then one row per toggled attribute, 32 px + 1 px padding
     assert image_size(os.path.join(out, "samples_6.png")) == (8 * 33 + 1, 3 * 33 + 1)
     assert image_size(os.path.join(out, "reconstruct.png")) == (8 * 33 + 1, 4 * 33 + 1)  # real + 3 noise levels
