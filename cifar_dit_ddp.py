@@ -39,8 +39,7 @@ def get_args(argv=None):
     g.add_argument("--data-dir", default="./data", help="where CIFAR-10 lives or is downloaded to")
     g.add_argument("--image-folder", default=None, help="your own images, one sub-folder per class (32x32)")
     g.add_argument("--limit", type=int, default=0, help="use only the first N training images (0: all)")
-    g.add_argument("--val-size", type=int, default=1000,
-                   help="hold out the last N training images (at most a tenth) for best.pt's validation loss")
+    g.add_argument("--val-size", type=int, default=1000, help="last N train images (max a tenth) held out for best.pt")
     g.add_argument("--data-on-device", action="store_true", help="keep the uint8 data set on the GPU")
     g = p.add_argument_group("model")
     g.add_argument("--width", "--hidden-dim", type=int, default=384, help="transformer hidden size")
@@ -48,8 +47,7 @@ def get_args(argv=None):
     g.add_argument("--heads", "--num-heads", type=int, default=8, help="query heads")
     g.add_argument("--kv-heads", type=int, default=2, help="key/value heads (GQA; = --heads is plain MHA)")
     g.add_argument("--patch", type=int, default=4, help="patch size in pixels (4: 64 tokens)")
-    g.add_argument("--cond", choices=["token", "adaln"], default="adaln",
-                   help="token: seed's fused time+class token; adaln: DiT's adaLN-Zero")
+    g.add_argument("--cond", choices=["token", "adaln"], default="adaln", help="seed's time+class token or adaLN-Zero")
     g = p.add_argument_group("diffusion")
     g.add_argument("--steps", "--num-steps", type=int, default=1000, help="diffusion timesteps T")
     g.add_argument("--schedule", choices=["linear", "cosine"], default="linear", help="noise schedule")
@@ -89,8 +87,7 @@ def get_args(argv=None):
     g = p.add_argument_group("system")
     g.add_argument("--out-dir", default="out/cifar_dit_ddp", help="where everything is written")
     g.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
-    g.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="autocast dtype; auto is bf16 on CUDA, fp32 elsewhere")
+    g.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on CUDA, else fp32")
     g.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
     g.add_argument("--tensorboard", action="store_true", help="also log to <out-dir>/tb")
     g.add_argument("--config", default=None, help="a run's config.json to use as defaults")
@@ -234,10 +231,8 @@ class DiT(nn.Module):
         h = h + self.pos
         for block in self.blocks:
             h = block(h, c)
-        h = self.norm(h)
-        if self.ada is not None:
-            shift, scale = self.ada(c)[:, None].chunk(2, dim=-1)
-            h = h * (1 + scale) + shift
+        shift, scale = self.ada(c)[:, None].chunk(2, dim=-1) if self.ada is not None else (0, 0)
+        h = self.norm(h) * (1 + scale) + shift
         h = self.head(h[:, self.token:])  # drop the condition token; [B, grid^2, p*p*3]
         B, g, p = len(x), self.grid, self.patch
         return h.view(B, g, g, p, p, CHANNELS).permute(0, 5, 1, 3, 2, 4).reshape(B, CHANNELS, g * p, g * p)
@@ -270,10 +265,9 @@ def p_losses(model, x0, y, alphas_cumprod, p_uncond, null, t=None, noise=None):
 def cfg_denoiser(model, y, w, null):
     """eps(x, t) with classifier-free guidance: eps = eps_u + w * (eps_c - eps_u) (SPEC's convention:
     w=0 unconditional, w=1 conditional), both halves in one doubled batch."""
-    if w == 1:
-        return lambda x, t: model(x, t, y).float()
-    if w == 0:
-        return lambda x, t: model(x, t, torch.full_like(y, null)).float()
+    if w in (0, 1):  # one half of the batch is enough
+        label = y if w == 1 else torch.full_like(y, null)
+        return lambda x, t: model(x, t, label).float()
 
     def eps_fn(x, t):
         eps_c, eps_u = model(torch.cat([x, x]), torch.cat([t, t]),
@@ -331,22 +325,21 @@ def dpmpp_sample(eps_fn, x, alphas_cumprod, steps, path=None, clip=False):
             path.append(x.cpu())
     return x
 
-def sample(eps_fn, x, alphas_cumprod, args, generator=None, path=None):
-    T, K = len(alphas_cumprod), min(args.sample_steps, len(alphas_cumprod))
-    if args.sampler == "ddpm":
-        return ddim_sample(eps_fn, x, alphas_cumprod, T, 1.0, generator, path, clip=True)
-    if args.sampler == "ddim":
-        return ddim_sample(eps_fn, x, alphas_cumprod, K, args.eta, generator, path, clip=True)
-    return dpmpp_sample(eps_fn, x, alphas_cumprod, K, path, clip=True)
-
 @torch.no_grad()
 def generate(model, alphas_cumprod, labels, args, n_classes, seed=0, path=None):
-    """Images in [-1, 1] for `labels` (n_classes = unconditional) from fixed seeds."""
+    """Images in [-1, 1] for `labels` (n_classes = unconditional) from fixed seeds, by --sampler."""
     device = alphas_cumprod.device
     g = torch.Generator().manual_seed(seed)
     x = torch.randn((len(labels), CHANNELS, IMAGE_SIZE, IMAGE_SIZE), generator=g).to(device)
     eps_fn = cfg_denoiser(model, torch.tensor(labels, device=device), args.cfg, n_classes)
-    return sample(eps_fn, x, alphas_cumprod, args, g, path).clamp(-1, 1)
+    T, K = len(alphas_cumprod), min(args.sample_steps, len(alphas_cumprod))
+    if args.sampler == "dpmpp":
+        x = dpmpp_sample(eps_fn, x, alphas_cumprod, K, path, clip=True)
+    elif args.sampler == "ddim":
+        x = ddim_sample(eps_fn, x, alphas_cumprod, K, args.eta, g, path, clip=True)
+    else:  # ddpm: DDIM with eta=1 on all T steps
+        x = ddim_sample(eps_fn, x, alphas_cumprod, T, 1.0, g, path, clip=True)
+    return x.clamp(-1, 1)
 
 def save_grid(x, path, nrow):
     torchvision.utils.save_image(x * 0.5 + 0.5, path, nrow=nrow, padding=1, pad_value=1.0)
@@ -358,10 +351,8 @@ def path_figure(path, rows, out):
 
 def save_gif(path, out, nrow):
     frames = torch.linspace(0, len(path) - 1, min(len(path), 50)).round().long().tolist()
-    imgs = []
-    for f in frames:
-        grid = torchvision.utils.make_grid(path[f].clamp(-1, 1) * 0.5 + 0.5, nrow=nrow, padding=1)
-        imgs.append(Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy()))
+    grids = [torchvision.utils.make_grid(path[f].clamp(-1, 1) * 0.5 + 0.5, nrow=nrow, padding=1) for f in frames]
+    imgs = [Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy()) for grid in grids]
     imgs[0].save(out, save_all=True, append_images=imgs[1:], duration=80, loop=0)
 
 @torch.no_grad()
@@ -370,9 +361,8 @@ def reconstruct(model, x0, y, alphas_cumprod, t0, out):
     g = torch.Generator().manual_seed(0)
     xt = q_sample(x0, torch.full((len(x0),), t0, device=x0.device),
                   torch.randn(x0.shape, generator=g).to(x0.device), alphas_cumprod)
-    rec = ddim_sample(lambda x, t: model(x, t, y).float(), xt, alphas_cumprod[:t0 + 1], min(50, t0 + 1), 0.0,
-                      clip=True)
-    rec = rec.clamp(-1, 1)
+    eps_fn = cfg_denoiser(model, y, 1, null=None)  # w=1: conditional, no null class needed
+    rec = ddim_sample(eps_fn, xt, alphas_cumprod[:t0 + 1], min(50, t0 + 1), 0.0, clip=True).clamp(-1, 1)
     save_grid(torch.cat([x0, xt.clamp(-1, 1), rec]), out, len(x0))
     return F.mse_loss(rec, x0).item()
 
@@ -405,8 +395,7 @@ def load_weights(module, state, path):
     try:
         module.load_state_dict(state)
     except RuntimeError:
-        die(f"checkpoint {path} does not match this model (check --width, --depth, --heads, --kv-heads, "
-            f"--patch, --cond)")
+        die(f"checkpoint {path} does not match this model (--width, --depth, --heads, --kv-heads, --patch, --cond)")
 
 def make_alphas_cumprod(cfg, device):
     return torch.cumprod(1 - make_betas(cfg["schedule"], cfg["steps"]), 0).float().to(device)
@@ -465,15 +454,6 @@ def val_loss(model, val, alphas_cumprod, args, null, device):
     with autocast(args, device):
         return sum(p_losses(model, xb, yb, alphas_cumprod, 0.0, null, tb, nb).item() * len(xb)
                    for xb, yb, tb, nb in chunks) / len(x0)
-
-def resume(path, raw, ema, opt, device, rank, world):
-    """Weights, EMA, optimizer, step, best validation loss and this rank's RNG state."""
-    ck = load_checkpoint(path, device)
-    load_weights(raw, ck["model"], path)
-    load_weights(ema, ck["ema"], path)
-    opt.load_state_dict(ck["opt"])
-    torch.set_rng_state(ck["rng"][rank if len(ck["rng"]) == world else 0].cpu())
-    return ck["step"], ck["best_val"]
 
 def save_run(args, state, ddp, world, master, improved, periodic):
     """ckpt.pt, best.pt when the validation loss improved, ckpt_<step>.pt every --save-every epochs."""
@@ -546,8 +526,15 @@ def train(args, device, ddp, rank, world):
     raw = build_model(vars(args), n_classes).to(device)
     ema = copy.deepcopy(raw).eval().requires_grad_(False)
     opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, weight_decay=0.0, fused=device.type == "cuda")
-    step, best = (resume(os.path.join(args.out_dir, "ckpt.pt"), raw, ema, opt, device, rank, world)
-                  if args.resume else (0, float("inf")))
+    step, best = 0, float("inf")
+    if args.resume:  # weights, EMA, optimizer, step, best validation loss and this rank's RNG state
+        path = os.path.join(args.out_dir, "ckpt.pt")
+        ck = load_checkpoint(path, device)
+        load_weights(raw, ck["model"], path)
+        load_weights(ema, ck["ema"], path)
+        opt.load_state_dict(ck["opt"])
+        torch.set_rng_state(ck["rng"][rank if len(ck["rng"]) == world else 0].cpu())
+        step, best = ck["step"], ck["best_val"]
     wrapped = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw
     model = torch.compile(wrapped) if args.compile else wrapped
     writer = start_run(args, raw, len(images), n_val, world, per_epoch, device) if master else None
@@ -593,7 +580,7 @@ def train(args, device, ddp, rank, world):
             sample_figure(ema, alphas_cumprod, args, n_classes, done, writer)
     if master:
         finish(args, ema, alphas_cumprod, images, labels, n_classes, total, best, writer, device)
-    return ema, alphas_cumprod, n_classes, classes
+    return ema, alphas_cumprod, classes
 
 def sample_figure(ema, alphas_cumprod, args, n_classes, step, writer, trace=None):
     """samples_<step>.png: a row per class and an unconditional row, 10 fixed seeds each."""
@@ -621,8 +608,7 @@ def finish(args, ema, alphas_cumprod, images, labels, n_classes, step, best, wri
     recs = [json.loads(line) for line in open(os.path.join(args.out_dir, "log.jsonl"))]
     times = [r["epoch_time"] for r in recs if "epoch_time" in r]  # over all resumed parts of the run
     total, n_ep = sum(times), max(len(times), 1)
-    plot_loss(args.out_dir, recs, f"training {total / 60:.1f} min, {total / n_ep:.1f} s/epoch "
-                                  f"({len(times)} epochs)")
+    plot_loss(args.out_dir, recs, f"training {total / 60:.1f} min, {total / n_ep:.1f} s/epoch ({len(times)} epochs)")
     loss = [r["loss"] for r in recs if "loss" in r][-1]
     print(f"done: {step} steps in {total:.0f}s ({total / n_ep:.1f}s per epoch), loss {loss:.4f}, "
           f"best validation loss {best:.4f}, reconstruction MSE at t={t0} {rec:.4f} -> {args.out_dir}")
@@ -636,9 +622,8 @@ def plot_loss(out_dir, recs, title):
         print(f"matplotlib is not installed: training_loss.png skipped; the numbers are in {out_dir}/log.jsonl")
         return
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key in ("loss", "val_loss"):
-        pts = [(r["step"], r[key]) for r in recs if r.get(key) is not None]
-        ax.plot(*zip(*pts), label={"loss": "train", "val_loss": "validation (EMA)"}[key])
+    for key, label in (("loss", "train"), ("val_loss", "validation (EMA)")):
+        ax.plot(*zip(*[(r["step"], r[key]) for r in recs if r.get(key) is not None]), label=label)
     ax.set(xlabel="step", ylabel="MSE loss", yscale="log", title=title)
     ax.legend()
     fig.savefig(os.path.join(out_dir, "training_loss.png"), dpi=100, bbox_inches="tight")
@@ -655,37 +640,30 @@ def parse_labels(text, classes):
         die(f"--labels: unknown class in {text!r} (use 0-{len(classes) - 1}, a class name, 'uncond' or 'all')")
     return out
 
-def load_ema(args, device):
-    """The EMA model of --ckpt, built from the checkpoint's own config."""
-    path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
-    ck = load_checkpoint(path, device)
-    cfg, classes = ck["config"], ck["classes"]
-    model = build_model(cfg, len(classes)).to(device).eval()
-    load_weights(model, ck["ema"], path)
-    return model, make_alphas_cumprod(cfg, device), classes, path
-
-def sample_main(args, device, model, alphas_cumprod, classes):
-    labels = [lab for lab in parse_labels(args.labels, classes) for _ in range(args.n)]
-    trace = []
-    with autocast(args, device):
-        x = generate(model, alphas_cumprod, labels, args, len(classes), args.seed, trace)
-    save_grid(x, os.path.join(args.out_dir, "samples.png"), args.n)
-    path_figure(trace, list(range(0, len(x), args.n)), os.path.join(args.out_dir, "timestep_grid.png"))
-    if args.gif:
-        save_gif(trace, os.path.join(args.out_dir, "denoise.gif"), args.n)
-    print(f"wrote {len(x)} samples to {args.out_dir}/samples.png")
-
 def main(argv=None):
     args = get_args(argv)
     device, ddp, rank, world = setup(args)
-    if args.sample or args.eval:
-        model, alphas_cumprod, classes, path = load_ema(args, device)
+    path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
+    if args.sample or args.eval:  # the EMA model of --ckpt, built from the checkpoint's own config
+        ck = load_checkpoint(path, device)
+        classes = ck["classes"]
+        model = build_model(ck["config"], len(classes)).to(device).eval()
+        load_weights(model, ck["ema"], path)
+        alphas_cumprod = make_alphas_cumprod(ck["config"], device)
         os.makedirs(args.out_dir, exist_ok=True)
-        if args.sample and rank == 0:
-            sample_main(args, device, model, alphas_cumprod, classes)
     else:
-        model, alphas_cumprod, _, classes = train(args, device, ddp, rank, world)
+        model, alphas_cumprod, classes = train(args, device, ddp, rank, world)
         path = os.path.join(args.out_dir, "ckpt.pt")
+    if args.sample and rank == 0:
+        labels = [lab for lab in parse_labels(args.labels, classes) for _ in range(args.n)]
+        trace = []
+        with autocast(args, device):
+            x = generate(model, alphas_cumprod, labels, args, len(classes), args.seed, trace)
+        save_grid(x, os.path.join(args.out_dir, "samples.png"), args.n)
+        path_figure(trace, list(range(0, len(x), args.n)), os.path.join(args.out_dir, "timestep_grid.png"))
+        if args.gif:
+            save_gif(trace, os.path.join(args.out_dir, "denoise.gif"), args.n)
+        print(f"wrote {len(x)} samples to {args.out_dir}/samples.png")
     if args.fid:
         with autocast(args, device):
             run_fid(args, model, alphas_cumprod, len(classes), path, rank, world)
