@@ -355,32 +355,32 @@ def dpmpp_sample(eps_fn, x, alphas_cumprod, steps, path=None, clip=False):
             path.append(x.cpu())
     return x
 
-def sample(eps_fn, x, alphas_cumprod, args, generator=None, path=None):
-    """Images from noise x with the chosen sampler, x0 predictions clipped to [-1, 1]."""
-    T, K = len(alphas_cumprod), min(args.sample_steps, len(alphas_cumprod))
-    if args.sampler == "dpmpp":
-        return dpmpp_sample(eps_fn, x, alphas_cumprod, K, path, clip=True)
-    steps, eta = (T, 1.0) if args.sampler == "ddpm" else (K, args.eta)
-    return ddim_sample(eps_fn, x, alphas_cumprod, steps, eta, generator, path, clip=True)
-
 @torch.inference_mode()
 def generate(model, alphas_cumprod, labels, args, n_classes, seed=0, path=None, cfg=None):
-    """Images in [-1, 1] for `labels` (n_classes = unconditional) from fixed seeds, at guidance cfg or args.cfg."""
-    device = alphas_cumprod.device
+    """Images in [-1, 1] for `labels` (n_classes = unconditional) from fixed seeds, at guidance cfg or args.cfg,
+    with the chosen sampler; x0 predictions are clipped to [-1, 1]."""
+    device, T = alphas_cumprod.device, len(alphas_cumprod)
+    K = min(args.sample_steps, T)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn((len(labels), CHANNELS, IMAGE_SIZE, IMAGE_SIZE), generator=g).to(device)
+    x = x.contiguous(memory_format=torch.channels_last)
     y = torch.tensor(labels, device=device) if n_classes else None
     eps_fn = cfg_denoiser(model, y, args.cfg if cfg is None else cfg, n_classes)
-    return sample(eps_fn, x.contiguous(memory_format=torch.channels_last), alphas_cumprod, args, g, path).clamp(-1, 1)
+    if args.sampler == "dpmpp":
+        x = dpmpp_sample(eps_fn, x, alphas_cumprod, K, path, clip=True)
+    else:
+        steps, eta = (T, 1.0) if args.sampler == "ddpm" else (K, args.eta)  # ddpm: eta=1 on all T steps
+        x = ddim_sample(eps_fn, x, alphas_cumprod, steps, eta, g, path, clip=True)
+    return x.clamp(-1, 1)
 
 def save_grid(x, path, nrow):
     torchvision.utils.save_image(x * 0.5 + 0.5, path, nrow=nrow, padding=1, pad_value=1.0)
 
-def save_gif(path, out, nrow):
-    frames = torch.linspace(0, len(path) - 1, min(len(path), 50)).round().long().tolist()
+def save_gif(trace, out, nrow):
+    frames = torch.linspace(0, len(trace) - 1, min(len(trace), 50)).round().long().tolist()
     imgs = []
     for f in frames:
-        grid = torchvision.utils.make_grid(path[f].clamp(-1, 1) * 0.5 + 0.5, nrow=nrow, padding=1)
+        grid = torchvision.utils.make_grid(trace[f].clamp(-1, 1) * 0.5 + 0.5, nrow=nrow, padding=1)
         imgs.append(Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy()))
     imgs[0].save(out, save_all=True, append_images=imgs[1:], duration=80, loop=0)
 
@@ -505,7 +505,12 @@ def train(args, device, ddp, rank, world):
     if master:
         os.makedirs(args.out_dir, exist_ok=True)
         json.dump(vars(args), open(os.path.join(args.out_dir, "config.json"), "w"), indent=2)
-        writer = tensorboard_writer(args) if args.tensorboard else None
+        if args.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                die("--tensorboard needs the tensorboard package: pip install tensorboard")
+            writer = SummaryWriter(os.path.join(args.out_dir, "tb"))
         print(f"{sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, {len(images)} images, "
               f"{per_epoch} steps per epoch, global batch {args.batch_size * world}, device {device}")
     log = open(os.path.join(args.out_dir, "log.jsonl"), "a") if master else None
@@ -519,7 +524,16 @@ def train(args, device, ddp, rank, world):
         x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
         y = None if args.uncond else labels[idx].to(device, non_blocking=True)
         lr = args.lr * min(1.0, (step + 1) / args.warmup)
-        loss = train_step(model, raw, ema, opt, x0, y, lr, alphas_cumprod, args, n_classes, step)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with autocast(args, device):
+            loss = p_losses(model, x0, y, alphas_cumprod, args.p_uncond, n_classes, args.loss)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.grad_clip:
+            torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
+        opt.step()
+        update_ema(ema, raw, min(args.ema, (1 + step) / (10 + step)))
         loss_sum, n_loss, done = loss_sum + loss.detach(), n_loss + 1, step + 1
         epoch_end, save = done % per_epoch == 0, done % args.ckpt_every == 0 or done == total
         if done % args.log_every == 0 or save or epoch_end:
@@ -544,7 +558,9 @@ def train(args, device, ddp, rank, world):
                              done // per_epoch - 1, writer)
             epoch_sum = 0.0
         if save:
-            rng = gather_rng(ddp, world)
+            rng = [torch.get_rng_state()] * world  # every rank's, so a resumed run continues each rank's stream
+            if ddp:
+                dist.all_gather_object(rng, rng[0])
             if master:
                 state = dict(model=raw.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=done,
                              config=vars(args), classes=classes, rng=rng, history=history, epoch_sum=epoch_sum)
@@ -565,20 +581,6 @@ def train(args, device, ddp, rank, world):
               f"{ {t: round(e, 4) for t, e in errors.items()} } -> {args.out_dir}")
     return ema, alphas_cumprod, n_classes
 
-def train_step(model, raw, ema, opt, x0, y, lr, alphas_cumprod, args, n_classes, step):
-    """One AdamW step on the DDPM loss (gradients clipped), then the EMA update."""
-    for group in opt.param_groups:
-        group["lr"] = lr
-    with autocast(args, x0.device):
-        loss = p_losses(model, x0, y, alphas_cumprod, args.p_uncond, n_classes, args.loss)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if args.grad_clip:
-        torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
-    opt.step()
-    update_ema(ema, raw, min(args.ema, (1 + step) / (10 + step)))
-    return loss
-
 def end_of_epoch(model, splits, alphas_cumprod, args, n_classes, history, train_loss, epoch, writer):
     """Validation and test losses of the trained model, appended with the epoch's mean training loss to
     loss_history.json in the seed's shape."""
@@ -590,24 +592,10 @@ def end_of_epoch(model, splits, alphas_cumprod, args, n_classes, history, train_
             writer.add_scalar(k, v, epoch)
     json.dump(history, open(os.path.join(args.out_dir, "loss_history.json"), "w"), indent=2)
 
-def gather_rng(ddp, world):
-    """Every rank's torch RNG state, so a resumed run continues each rank's random stream."""
-    states = [torch.get_rng_state()] * world
-    if ddp:
-        dist.all_gather_object(states, states[0])
-    return states
-
 def prune_checkpoints(out_dir, keep):
     steps = sorted(int(f[5:-3]) for f in os.listdir(out_dir) if f.startswith("ckpt_") and f.endswith(".pt"))
     for s in steps[:-keep] if keep else []:
         os.remove(os.path.join(out_dir, f"ckpt_{s}.pt"))
-
-def tensorboard_writer(args):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        die("--tensorboard needs the tensorboard package: pip install tensorboard")
-    return SummaryWriter(os.path.join(args.out_dir, "tb"))
 
 
 # ----------------------------------------------------------------------------- sampling entry point
@@ -638,8 +626,17 @@ def sample_main(args, device):
         [lab for lab in labels for _ in range(args.n)], args.n)
     os.makedirs(args.out_dir, exist_ok=True)
     with autocast(args, device):
-        if args.cfg_sweep:
-            return cfg_sweep(args, model, alphas_cumprod, labels, n_classes), alphas_cumprod, n_classes
+        if args.cfg_sweep:  # the seed's guidance-scale comparison: one row per W, the same seeds in every row
+            try:
+                scales = [float(s) for s in args.cfg_sweep.split(",")]
+            except ValueError:
+                scales = [-1.0]
+            if n_classes == 0 or min(scales) < 0:
+                die("--cfg-sweep needs a conditional model and guidance scales >= 0, e.g. 0,3,7")
+            rows = [generate(model, alphas_cumprod, labels, args, n_classes, args.seed, cfg=w) for w in scales]
+            save_grid(torch.cat(rows), os.path.join(args.out_dir, "cfg_sweep.png"), len(labels))
+            print(f"wrote rows for W = {scales} to {args.out_dir}/cfg_sweep.png")
+            return model, alphas_cumprod, n_classes
         trace = []
         x = generate(model, alphas_cumprod, labels, args, n_classes, args.seed, trace)
         save_grid(x, os.path.join(args.out_dir, "samples.png"), nrow)
@@ -647,19 +644,6 @@ def sample_main(args, device):
             save_gif(trace, os.path.join(args.out_dir, "denoise.gif"), nrow)
     print(f"wrote {len(x)} samples (step {ck['step']}, cfg {args.cfg}) to {args.out_dir}/samples.png")
     return model, alphas_cumprod, n_classes
-
-def cfg_sweep(args, model, alphas_cumprod, labels, n_classes):
-    """The seed's guidance-scale comparison: one row per W, the same seeds and labels in every row."""
-    try:
-        scales = [float(s) for s in args.cfg_sweep.split(",")]
-    except ValueError:
-        scales = [-1.0]
-    if n_classes == 0 or min(scales) < 0:
-        die("--cfg-sweep needs a conditional model and guidance scales >= 0, e.g. 0,3,7")
-    rows = [generate(model, alphas_cumprod, labels, args, n_classes, args.seed, cfg=w) for w in scales]
-    save_grid(torch.cat(rows), os.path.join(args.out_dir, "cfg_sweep.png"), len(labels))
-    print(f"wrote rows for W = {scales} to {args.out_dir}/cfg_sweep.png")
-    return model
 
 def main(argv=None):
     args = get_args(argv)
