@@ -313,7 +313,7 @@ class UNet(nn.Module):
 
 def make_betas(schedule, T):
     if schedule == "linear":  # Ho et al.: 1e-4 .. 0.02 at T=1000, scaled so any T ends equally noisy
-        return torch.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=torch.float64)
+        return torch.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=torch.float64).clamp(max=0.999)
     # cosine (Nichol & Dhariwal): abar(t) = f(t)/f(0), f(t) = cos((t/T + s)/(1 + s) * pi/2)^2
     f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + 0.008) / 1.008 * math.pi / 2) ** 2
     return (1 - f[1:] / f[:-1]).clamp(max=0.999)
@@ -398,21 +398,21 @@ def dpmpp_sample(eps_fn, x, alphas_cumprod, steps, path=None, clip=False):
             path.append(x.cpu())
     return x
 
-def sample(eps_fn, x, alphas_cumprod, args, generator=None, path=None):
-    """Images: ddpm is DDIM with eta=1 on all T steps; ddim K steps with --eta; dpmpp K steps; x0 clipped."""
-    T, K = len(alphas_cumprod), min(args.sample_steps, len(alphas_cumprod))
-    if args.sampler == "dpmpp":
-        return dpmpp_sample(eps_fn, x, alphas_cumprod, K, path, clip=True)
-    ddpm = args.sampler == "ddpm"
-    return ddim_sample(eps_fn, x, alphas_cumprod, T if ddpm else K, 1.0 if ddpm else args.eta, generator, path, True)
-
 @torch.no_grad()
 def generate(model, alphas_cumprod, conds, args, seed=0, path=None, drop=None):
-    """Images in [-1, 1] for condition vectors `conds` [N, n] from fixed seeds."""
+    """Images in [-1, 1] for condition vectors `conds` [N, n] from fixed seeds, x0 clipped: ddpm is DDIM with
+    eta=1 on all T steps; ddim K steps with --eta; dpmpp K steps."""
     device, g = alphas_cumprod.device, torch.Generator().manual_seed(seed)
     x = torch.randn((len(conds), *model.shape), generator=g).to(device)
     eps_fn = cfg_denoiser(model, conds.to(device), args.cfg, None if drop is None else drop.to(device))
-    return sample(eps_fn, x, alphas_cumprod, args, g, path).clamp(-1, 1)
+    T, K = len(alphas_cumprod), min(args.sample_steps, len(alphas_cumprod))
+    if args.sampler == "dpmpp":
+        x = dpmpp_sample(eps_fn, x, alphas_cumprod, K, path, clip=True)
+    elif args.sampler == "ddpm":
+        x = ddim_sample(eps_fn, x, alphas_cumprod, T, 1.0, g, path, clip=True)
+    else:
+        x = ddim_sample(eps_fn, x, alphas_cumprod, K, args.eta, g, path, clip=True)
+    return x.clamp(-1, 1)
 
 def preview(model, alphas_cumprod, cfg, conds, args):
     """(grid, row length). Attributes: row 0 from `conds` (the first 8), row k the same seeds with the k-th --toggle
@@ -523,27 +523,23 @@ def autocast(args, device):
     bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
     return torch.autocast(device.type, torch.bfloat16) if bf16 else nullcontext()
 
-def start(args, device, rank, world):
-    """Data, schedule, model, EMA, AdamW; from the run's ckpt.pt with --resume (weights, EMA, optimizer, step, RNG)."""
-    data, args.classes, args.kind = get_data(args)
-    args.channels, args.freq = data[0][0].shape[0], data.conds.mean(0).tolist()
-    raw = build_model(vars(args)).to(device).to(memory_format=torch.channels_last)
-    ema = copy.deepcopy(raw).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, weight_decay=0.0, fused=device.type == "cuda")
-    ckpt_path, step = os.path.join(args.out_dir, "ckpt.pt"), 0
-    if args.resume:
-        ck = load_checkpoint(ckpt_path, device)
-        load_weights(raw, ck["model"], ckpt_path)
-        load_weights(ema, ck["ema"], ckpt_path)
-        opt.load_state_dict(ck["opt"])
-        step, rng = ck["step"], ck["rng"]
-        torch.set_rng_state(rng[rank].cpu() if len(rng) == world else rng[0].cpu())
-    return data, raw, ema, opt, step, alphas_cumprod_of(vars(args), device)
-
 def train(args, device, ddp, rank, world):
     master, cfg, out = rank == 0, vars(args), lambda name: os.path.join(args.out_dir, name)
     torch.manual_seed(args.seed + rank)
-    data, raw, ema, opt, step, alphas_cumprod = start(args, device, rank, world)
+    data, args.classes, args.kind = get_data(args)
+    args.channels, args.freq = data[0][0].shape[0], data.conds.mean(0).tolist()
+    alphas_cumprod = alphas_cumprod_of(cfg, device)
+    raw = build_model(cfg).to(device).to(memory_format=torch.channels_last)
+    ema = copy.deepcopy(raw).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, weight_decay=0.0, fused=device.type == "cuda")
+    step = 0
+    if args.resume:  # weights, EMA, optimizer, step and this rank's RNG state
+        ck = load_checkpoint(out("ckpt.pt"), device)
+        load_weights(raw, ck["model"], out("ckpt.pt"))
+        load_weights(ema, ck["ema"], out("ckpt.pt"))
+        opt.load_state_dict(ck["opt"])
+        step, rng = ck["step"], ck["rng"]
+        torch.set_rng_state(rng[rank].cpu() if len(rng) == world else rng[0].cpu())
     model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw
     model = torch.compile(model) if args.compile else model
     if master:
@@ -587,13 +583,19 @@ def train(args, device, ddp, rank, world):
                 for k in ("loss", "lr", "img_per_s") if writer else ():
                     writer.add_scalar(k, rec[k], done)
         if save:
+            rng = [torch.get_rng_state()] * world  # every rank's, so a resumed run continues each rank's stream
+            if ddp:
+                dist.all_gather_object(rng, rng[0])
             state = dict(model=raw.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=done,
-                         config=cfg, rng=gather_rng(ddp, world))  # every rank takes part in the gather
+                         config=cfg, rng=rng)
             if master:
                 save_checkpoint(out("ckpt.pt"), state)
             if master and args.save_every and done % args.save_every == 0:
                 save_checkpoint(out(f"ckpt_{done}.pt"), state)
-                prune_checkpoints(args.out_dir, args.keep)
+                periodic = [f for f in os.listdir(args.out_dir) if f.startswith("ckpt_") and f.endswith(".pt")]
+                if args.keep:  # only the newest --keep periodic checkpoints stay
+                    for f in sorted(periodic, key=lambda f: int(f[5:-3]))[:-args.keep]:
+                        os.remove(out(f))
         if master and (done % args.sample_every == 0 or done == args.iters):
             with autocast(args, device):
                 grid, nrow = preview(ema, alphas_cumprod, cfg, data.conds, args)
@@ -607,18 +609,6 @@ def train(args, device, ddp, rank, world):
                       out("reconstruct.png"), len(x0))
         print(f"done: {args.iters} steps in {time.time() - t0:.0f}s -> {args.out_dir}")
     return ema, alphas_cumprod, cfg
-
-def gather_rng(ddp, world):
-    """Every rank's torch RNG state, so a resumed run continues each rank's random stream."""
-    states = [torch.get_rng_state()] * world
-    if ddp:
-        dist.all_gather_object(states, states[0])
-    return states
-
-def prune_checkpoints(out_dir, keep):
-    steps = sorted(int(f[5:-3]) for f in os.listdir(out_dir) if f.startswith("ckpt_") and f.endswith(".pt"))
-    for s in steps[:-keep] if keep else []:
-        os.remove(os.path.join(out_dir, f"ckpt_{s}.pt"))
 
 def tensorboard_writer(args):
     if not args.tensorboard:
