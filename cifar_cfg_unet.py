@@ -275,8 +275,7 @@ def p_losses(model, x0, y, alphas_cumprod, p_uncond, null, loss="mse", t=None, n
 
 @torch.no_grad()
 def eval_loss(model, images, labels, alphas_cumprod, args, n_classes, batch_size=250):
-    """Mean loss over a split on fixed noise and timesteps (a generator seeded the same every time, drawn
-    batch by batch), so the numbers of different epochs are comparable."""
+    """Mean loss over a split on fixed noise and timesteps, so the numbers of different epochs are comparable."""
     g, total, device = torch.Generator().manual_seed(SPLIT_SEED), 0.0, alphas_cumprod.device
     for i in range(0, len(images), batch_size):
         x0 = to_model_input(images[i:i + batch_size], device)
@@ -582,8 +581,7 @@ def train(args, device, ddp, rank, world):
     return ema, alphas_cumprod, n_classes
 
 def end_of_epoch(model, splits, alphas_cumprod, args, n_classes, history, train_loss, epoch, writer):
-    """Validation and test losses of the trained model, appended with the epoch's mean training loss to
-    loss_history.json in the seed's shape."""
+    """Validation and test losses, appended with the epoch's mean training loss to loss_history.json (seed's shape)."""
     val, test = (eval_loss(model.eval(), *splits[s], alphas_cumprod, args, n_classes) for s in ("val", "test"))
     model.train()
     for k, v in zip(HISTORY_KEYS, (train_loss, val, test, epoch)):
