@@ -270,10 +270,9 @@ def p_losses(model, x0, y, alphas_cumprod, p_uncond, null):
 def cfg_denoiser(model, y, w, null):
     """eps(x, t) with classifier-free guidance: eps = eps_u + w * (eps_c - eps_u) (SPEC's convention:
     w=0 unconditional, w=1 conditional), both halves in one doubled batch."""
-    if y is None or w == 1:
+    if y is None or w in (0, 1):  # one half is enough: w=1 is eps_c, w=0 is eps_u
+        y = y if y is None or w == 1 else torch.full_like(y, null)
         return lambda x, t: model(x, t, y).float()
-    if w == 0:
-        return lambda x, t: model(x, t, torch.full_like(y, null)).float()
 
     def eps_fn(x, t):
         eps_c, eps_u = model(torch.cat([x, x]), torch.cat([t, t]),
@@ -328,22 +327,13 @@ def dpmpp_sample(eps_fn, x, alphas_cumprod, steps, path=None, clip=False):
             x = x0
         else:
             s = ts[i + 1]
-            h = torch.log(alpha[s] / sigma[s]) - torch.log(alpha[t] / sigma[t])
+            h = lam[s] - lam[t]
             d = x0 if x0_prev is None else x0 + (x0 - x0_prev) * h / (2 * h_prev)  # (1 + 1/2r) x0 - x0_prev/2r
             x = sigma[s] / sigma[t] * x - alpha[s] * torch.expm1(-h) * d
             x0_prev, h_prev = x0, h
         if path is not None:
             path.append(x.cpu())
     return x
-
-
-def sample(eps_fn, x, alphas_cumprod, args, generator=None, path=None, guide=None):
-    T, K = len(alphas_cumprod), min(args.sample_steps, len(alphas_cumprod))
-    if args.sampler == "ddpm":
-        return ddim_sample(eps_fn, x, alphas_cumprod, T, 1.0, generator, path, guide, clip=True)
-    if args.sampler == "ddim":
-        return ddim_sample(eps_fn, x, alphas_cumprod, K, args.eta, generator, path, guide, clip=True)
-    return dpmpp_sample(eps_fn, x, alphas_cumprod, K, path, clip=True)
 
 
 def clip_guide(encode_image, encode_text, prompt, scale, steps, lr):
@@ -383,30 +373,29 @@ def load_clip(device):
 
 @torch.no_grad()  # not inference_mode: CLIP guidance needs gradients inside
 def generate(model, alphas_cumprod, labels, args, n_classes, seed=0, path=None, guide=None):
-    """Images in [-1, 1] for `labels` (n_classes = unconditional) from fixed seeds."""
-    device = alphas_cumprod.device
+    """Images in [-1, 1] for `labels` (n_classes = unconditional) from fixed seeds, by args.sampler:
+    ddpm is DDIM with eta=1 on all T steps, ddim and dpmpp take args.sample_steps."""
+    device, T = alphas_cumprod.device, len(alphas_cumprod)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn((len(labels), CHANNELS, IMAGE_SIZE, IMAGE_SIZE), generator=g).to(device)
     y = torch.tensor(labels, device=device) if n_classes else None
     eps_fn = cfg_denoiser(model, y, args.cfg, n_classes)
-    return sample(eps_fn, x, alphas_cumprod, args, g, path, guide).clamp(-1, 1)
-
-
-def class_grid(model, alphas_cumprod, args, n_classes, path=None):
-    """One row per class, plus an unconditional row where the model has one."""
-    rows = list(range(n_classes + 1)) if n_classes else [0]
-    labels = [r for r in rows for _ in range(10)]
-    return generate(model, alphas_cumprod, labels, args, n_classes, args.seed, path)
+    if args.sampler == "dpmpp":
+        x = dpmpp_sample(eps_fn, x, alphas_cumprod, min(args.sample_steps, T), path, clip=True)
+    else:
+        steps, eta = (T, 1.0) if args.sampler == "ddpm" else (min(args.sample_steps, T), args.eta)
+        x = ddim_sample(eps_fn, x, alphas_cumprod, steps, eta, g, path, guide, clip=True)
+    return x.clamp(-1, 1)
 
 
 def save_grid(x, path, nrow):
     torchvision.utils.save_image(x * 0.5 + 0.5, path, nrow=nrow, padding=1, pad_value=1.0)
 
 
-def path_figure(path, n_rows, out):
-    """The reverse (denoising) path: a row per sample, columns from noise to image."""
+def path_figure(path, out):
+    """A path of batches as a figure: a row per sample (at most 10), up to 10 columns along the path."""
     cols = torch.linspace(0, len(path) - 1, min(len(path), 10)).round().long().tolist()
-    save_grid(torch.stack([path[c][:n_rows] for c in cols], 1).flatten(0, 1).clamp(-1, 1), out, len(cols))
+    save_grid(torch.stack([path[c][:10] for c in cols], 1).flatten(0, 1).clamp(-1, 1), out, len(cols))
 
 
 def save_gif(path, out, nrow):
@@ -420,12 +409,10 @@ def save_gif(path, out, nrow):
 
 def forward_figure(images, alphas_cumprod, out):
     """The forward process q(x_t | x_0) on a few real digits, t from 0 to T-1."""
-    T, x0 = len(alphas_cumprod), images[:6].float().cpu() / 127.5 - 1
-    ts = torch.linspace(0, T - 1, 10).round().long()
-    g = torch.Generator().manual_seed(0)
-    noise = torch.randn(x0.shape, generator=g)
-    cols = [q_sample(x0, t.repeat(len(x0)), noise, alphas_cumprod.cpu().float()) for t in ts]
-    save_grid(torch.stack(cols, 1).flatten(0, 1).clamp(-1, 1), out, len(ts))
+    x0 = images[:6].float().cpu() / 127.5 - 1
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    ts = torch.linspace(0, len(alphas_cumprod) - 1, 10).round().long()
+    path_figure([q_sample(x0, t.repeat(len(x0)), noise, alphas_cumprod.cpu().float()) for t in ts], out)
 
 
 # ----------------------------------------------------------------------------- EMA, checkpoints, FID
@@ -555,14 +542,6 @@ def start_run(args, images, alphas_cumprod, raw, world, device):
     return SummaryWriter(os.path.join(args.out_dir, "tb"))
 
 
-def write_log(rec, out_dir, pbar, writer):
-    with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
-        f.write(json.dumps(rec) + "\n")
-    pbar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
-    for k in ("loss", "lr", "img_per_s") if writer else ():
-        writer.add_scalar(k, rec[k], rec["step"])
-
-
 def train(args, device, ddp, rank, world):
     master = rank == 0
     torch.manual_seed(args.seed + rank)
@@ -610,17 +589,22 @@ def train(args, device, ddp, rank, world):
                 sys.exit(f"loss is {rec['loss']} at step {done}; stopped, the last good ckpt.pt is kept")
             losses, t_log = [], time.time()
             if master:
-                write_log(rec, args.out_dir, pbar, writer)
+                with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                pbar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
+                for k in ("loss", "lr", "img_per_s") if writer else ():
+                    writer.add_scalar(k, rec[k], done)
         if save:
             save_run(args, raw, ema, opt, done, ddp, world, master)
         if master and (done % args.sample_every == 0 or last):
-            path = [] if last else None
-            grid = class_grid(ema, alphas_cumprod, args, n_classes, path)
+            path = [] if last else None  # one row per class, plus the unconditional row (label n_classes)
+            grid = generate(ema, alphas_cumprod, [r for r in range(n_classes + 1) for _ in range(10)], args,
+                            n_classes, args.seed, path)
             save_grid(grid, os.path.join(args.out_dir, f"samples_{done}.png"), 10)
             if writer:
                 writer.add_image("samples", torchvision.utils.make_grid(grid * 0.5 + 0.5, nrow=10), done)
             if last:
-                path_figure(path, 10, os.path.join(args.out_dir, "reverse.png"))
+                path_figure(path, os.path.join(args.out_dir, "reverse.png"))
     if master:
         print(f"done: step {args.iters}, {time.time() - t0:.0f}s, loss {rec['loss']:.4f} -> {args.out_dir}")
     return ema, alphas_cumprod, n_classes
@@ -654,7 +638,7 @@ def sample_main(args, device):
         trace = []
         x = generate(model, alphas_cumprod, labels, args, n_classes, args.seed, trace)
         save_grid(x, os.path.join(args.out_dir, "samples.png"), args.n)
-        path_figure(trace, min(len(x), 10), os.path.join(args.out_dir, "reverse.png"))
+        path_figure(trace, os.path.join(args.out_dir, "reverse.png"))
         if args.gif:
             save_gif(trace, os.path.join(args.out_dir, "denoise.gif"), args.n)
         print(f"wrote {len(x)} samples (step {ck['step']}) to {args.out_dir}/samples.png")
