@@ -51,7 +51,7 @@ def get_args(argv=None):
     g.add_argument("--schedule", choices=["cosine", "linear"], default="cosine", help="noise schedule")
     g.add_argument("--p-uncond", type=float, default=0.1, help="probability of dropping the label")
     g = p.add_argument_group("training")
-    g.add_argument("--iters", type=int, default=2000, help="optimizer steps")
+    g.add_argument("--iters", type=int, default=1500, help="optimizer steps")
     g.add_argument("--batch-size", type=int, default=64, help="images per step per device")
     g.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate after warm-up")
     g.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up, steps")
