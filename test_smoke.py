@@ -164,6 +164,34 @@ def assert_torchrun_two_ranks(script, data, out, global_batch, steps, *args):
     ck = load(os.path.join(out, "ckpt.pt"))
     assert ck["step"] == steps and len(ck["rng"]) == 2 and not torch.equal(ck["rng"][0], ck["rng"][1])
 
+class FakeClip(torch.nn.Module):
+    """Stands in for open_clip's ViT-B/32 (no weights here): small learned maps of images and of tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.image, self.text = torch.nn.Linear(3, 512), torch.nn.Embedding(64, 512)
+
+    def encode_image(self, x):
+        return self.image(x.mean(dim=(2, 3)))
+
+    def encode_text(self, tokens):
+        return self.text(tokens).mean(1)
+
+
+@pytest.fixture
+def fake_open_clip(monkeypatch):
+    """An `open_clip` module with the two calls the scripts make; returns the (model, weights) they asked for."""
+    calls, mod = [], type(sys)("open_clip")
+
+    def create_model_and_transforms(name, pretrained):
+        calls.append((name, pretrained))
+        return FakeClip(), None, None
+    mod.create_model_and_transforms = create_model_and_transforms
+    mod.get_tokenizer = lambda name: lambda prompts: torch.tensor([[ord(c) % 64 for c in f"{p:8}"[:8]]
+                                                                   for p in prompts])
+    monkeypatch.setitem(sys.modules, "open_clip", mod)
+    return calls
+
 
 def same_weights(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -311,6 +339,12 @@ def test_mnist_clip_guidance_moves_toward_prompt():
     plain = m.generate(model, ab, [10] * 6, args, 10, seed=1)
     guided = m.generate(model, ab, [10] * 6, args, 10, seed=1, guide=guide)
     assert cos(guided) > cos(plain) + 0.3
+
+def test_mnist_clip_prompt_end_to_end(mnist_run, tmp_path, fake_open_clip):
+    assert run("mnist_ddpm", "--sample", "--ckpt", mnist_run.ckpt, "--clip-prompt", "two", "--sample-steps", "3",
+               "--n", "3", "--out-dir", str(tmp_path), "--device", "cpu") == 0
+    assert fake_open_clip == [("ViT-B-32", "openai")]  # the seed's CLIP
+    assert image_size(tmp_path / "clip_two.png") == (3 * 29 + 1, 2 * 29 + 1)  # unguided row, guided row
 
 
 def test_mnist_clip_without_open_clip_is_one_line(mnist_run, capsys, monkeypatch):
@@ -1002,6 +1036,17 @@ def test_stl_cross_attention_uses_the_context():
         out2 = model(x, t, torch.tensor([0, 1, 10]))
     assert torch.equal(out2[:2], out[:2]) and (out2[2] - out[2]).abs().max() > 1e-4
     assert "text_emb" not in dict(model.named_parameters())  # the CLIP table is frozen (a buffer)
+
+def test_stl_clip_embeddings_computed_once_and_cached(tmp_path, fake_open_clip):
+    folder = make_image_folder(str(tmp_path / "imgs"), per_class=2)
+    out = tmp_path / "out"
+    assert run("stl10_vpred_clip", "--image-folder", folder, "--out-dir", out, *STL_TINY, "--iters", "1") == 0
+    cache = torch.load(out / "clip_text_emb_stl10_vitb32.pt", weights_only=True)
+    assert cache["emb"].shape == (4, 512) and cache["context_dim"] == 512
+    assert cache["prompts"] == ["a photo of a cat", "a photo of a dog", "a photo of a ship", ""]
+    assert torch.allclose(cache["emb"].norm(dim=1), torch.ones(4))
+    assert run("stl10_vpred_clip", "--image-folder", folder, "--out-dir", out, *STL_TINY, "--iters", "1") == 0
+    assert fake_open_clip == [("ViT-B-32", "openai")]  # the second run read the cache
 
 
 def test_stl_clip_errors_are_one_line(stl_data, capsys, monkeypatch, tmp_path):
