@@ -633,7 +633,6 @@ def test_cifar_torchrun_two_processes(tmp_path):
 
 
 def test_cifar_fid_writes_json(cifar_run, tmp_path, monkeypatch):
-    fid = pytest.importorskip("fid")
     real_inception = fid.inception_v3
     monkeypatch.setattr(fid, "inception_v3", lambda weights="download": real_inception(None))  # random weights
     assert run("cifar_cfg_unet", "--sample", "--ckpt", cifar_run.ckpt, "--out-dir", str(tmp_path), "--fid", "8",
@@ -780,7 +779,6 @@ def test_dit_torchrun_two_processes(dit_run, tmp_path):
 
 
 def test_dit_eval_writes_seed_keys(dit_run, tmp_path, monkeypatch):
-    fid = pytest.importorskip("fid")
     real_inception = fid.inception_v3
     monkeypatch.setattr(fid, "inception_v3", lambda weights="download": real_inception(None))  # random weights
     out = str(tmp_path)
@@ -1333,7 +1331,6 @@ def test_celeba_ema_warmup():
 
 
 def test_celeba_fid(celeba_run, tmp_path, monkeypatch):
-    fid = pytest.importorskip("fid")
     net = fid.inception_v3
     monkeypatch.setattr(fid, "inception_v3", lambda weights: net(None))  # random weights, offline
     out = str(tmp_path)
