@@ -1,11 +1,13 @@
-"""Benchmark each script's default model on one device: a training step (forward, backward, optimizer,
-EMA) and one sampler step at batch 100, against the device's own dense matmul peak.
+"""Benchmark each script's default model on one device, all through the same calls: a training step
+(forward, backward, optimizer, EMA) and one guided sampler step at batch 100, against the device's
+own dense matmul peak.
 
-    python bench.py                                  # every script, prints a table, writes bench.json
+    python bench.py                                  # every script: a table, and bench.json
     python bench.py --script cifar_dit_ddp --batch-size 64 --device cuda --compile
     python bench.py --channels-last off              # compare a speed option
 
-Like nanoGPT's bench.py: every figure comes from a measurement in this run.
+Like nanoGPT's bench.py: every figure comes from a measurement in this run, and the table says on
+which CPU (model, vector extensions) or GPU it was taken.
 """
 import argparse
 import copy
@@ -26,101 +28,97 @@ SCRIPTS = ["mnist_ddpm", "cifar_cfg_unet", "cifar_dit_ddp", "stl10_vpred_clip", 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--script", choices=SCRIPTS, action="append", help="script(s) to run (default: all)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, mps or cpu")
+    p.add_argument("--script", choices=SCRIPTS, action="append", help="script(s) (default: all)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=16, help="training batch")
-    p.add_argument("--sample-batch", type=int, default=100, help="images in one sampler step (CFG doubles it)")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="autocast dtype (default: bf16 on CUDA)")
-    p.add_argument("--channels-last", choices=["on", "off"], default="on", help="channels_last for the U-Nets")
+    p.add_argument("--sample-batch", type=int, default=100, help="images in a sampler step")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="autocast, as the scripts' --dtype")
+    p.add_argument("--channels-last", choices=["on", "off"], default="on",
+                   help="channels_last memory format, as the scripts use")
     p.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
-    p.add_argument("--steps", type=int, default=3, help="timed training steps after 1 warm-up step")
-    p.add_argument("--tiny", action="store_true", help="smallest models (--width 32 --depth 1): a quick check")
-    p.add_argument("--out", default="bench.json", help="where to write the results")
+    p.add_argument("--steps", type=int, default=3, help="timed training steps after a warm-up")
+    p.add_argument("--tiny", action="store_true", help="--width 32 --depth 1: a quick check")
+    p.add_argument("--out", default="bench.json", help="where the results go")
     return p.parse_args(argv)
 
 
-def sync(device):
+def machine(device):
+    """The processor the figures were measured on: CPU model and vector extensions, or the GPU."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        info = open("/proc/cpuinfo").read()
+        model = next(line.split(":")[1].strip() for line in info.splitlines()
+                     if line.startswith("model name"))
+        flags = set(next(line for line in info.splitlines() if line.startswith("flags")).split())
+        model += " (" + ", ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+                                  if f in flags) + ")"
+    except (OSError, StopIteration):  # not Linux: the platform's name only
+        pass
+    return f"{model}, {torch.get_num_threads()} threads"
 
 
 def timed(fn, device, reps):
-    sync(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(reps):
         fn()
-    sync(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return (time.perf_counter() - t) / reps
 
 
 def matmul_peak(device, dtype):
     """Dense matmul FLOP/s, 2 n^3 per n x n product: the best of five, as a peak should be."""
     n = 4096 if device.type == "cpu" else 8192
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype or torch.float32) for _ in range(2))
     a @ b
     return max(2 * n ** 3 / timed(lambda: a @ b, device, 1) for _ in range(5))
 
 
-def setup(name, bench, device):
-    """The script's default model (per its own get_args), a training loss and one guided denoiser call."""
-    mod = importlib.import_module(name)
-    args = mod.get_args(["--width", "32", "--depth", "1"] if bench.tiny else [])
-    cfg, w = vars(args), args.cfg[0] if isinstance(args.cfg, list) else args.cfg  # stl10 takes a list of scales
-    ab = torch.cumprod(1 - mod.make_betas(args.schedule, args.steps), 0).float().to(device)
-    if name == "mnist_ddpm":
-        model, shape = mod.build_model({**cfg, "classes": list("0123456789")}), (1, 28, 28)
-    elif name in ("cifar_cfg_unet", "cifar_dit_ddp"):
-        model, shape = mod.build_model(cfg, 10), (3, 32, 32)
-    elif name == "stl10_vpred_clip":
-        model, shape = mod.build_model(cfg, 10, 512), (3, 96, 96)  # CLIP ViT-B/32 text embeddings: 512-d
-    else:
-        attrs = [f"attr{i}" for i in range(40)]
-        model, shape = mod.build_model({**cfg, "classes": attrs, "channels": 3, "size": 64}), (3, 64, 64)
-    if name == "celeba_crossattn":  # multi-hot attributes instead of a label
-        cond = lambda n: (torch.rand(n, 40, device=device) < 0.5).float()
-        loss = lambda m, x, c: mod.p_losses(m, x, c, ab, args.p_uncond)
-        denoise = lambda m, x, t, c: mod.cfg_denoiser(m, c, w)(x, t)
-    else:
-        cond = lambda n: torch.randint(0, 10, (n,), device=device)
-        loss = lambda m, x, y: mod.p_losses(m, x, y, ab, args.p_uncond, 10)
-        denoise = lambda m, x, t, y: mod.cfg_denoiser(m, y, w, 10)(x, t)
-    B, S = bench.batch_size, bench.sample_batch
-    x, c, xs, cs = torch.randn(B, *shape, device=device), cond(B), torch.randn(S, *shape, device=device), cond(S)
-    ts = torch.full((S,), len(ab) // 2, device=device)
-    return model.to(device), lambda m: loss(m, x, c), lambda m: denoise(m, xs, ts, cs)
-
-
 def bench_script(name, bench, peak):
-    """Runs in a fresh process, so that the peak memory is this script's alone."""
-    device = torch.device(bench.device)
-    model, loss_fn, sample_fn = setup(name, bench, device)
-    unet = name != "cifar_dit_ddp"
-    if unet and bench.channels_last == "on":
+    """One script's default model (its get_args, its data set's META), trained and sampled through
+    the spine's own functions. Runs in a fresh process, so that the peak memory is its alone."""
+    m, device = importlib.import_module(name), torch.device(bench.device)
+    config = vars(m.get_args(["--width", "32", "--depth", "1"] if bench.tiny else []))
+    model = m.build_model(config, m.META).to(device)
+    if bench.channels_last == "on":
         model = model.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    run = torch.compile(model) if bench.compile else model
-    bf16 = bench.dtype == "bf16" or (bench.dtype is None and device.type == "cuda")
-    ctx = lambda: torch.autocast(device.type, torch.bfloat16, enabled=bf16)
+    net = torch.compile(model) if bench.compile else model
+    dtype, ab = m.amp_dtype(bench.dtype, device), m.make_alphas_cumprod(config["schedule"],
+                                                                        config["steps"], device)
+    cond, drop, _ = m.conditions(["all"], 1, m.META, config)
+
+    def batch(n):  # n images of the data's shape, conditions of the sample grid's rows in turn
+        x = torch.randn(n, m.META["channels"], m.META["size"], m.META["size"], device=device)
+        i = torch.arange(n) % len(cond)
+        x = x.contiguous(memory_format=torch.channels_last)
+        return x, cond[i].to(device), drop[i].to(device)
+    x, c, _ = batch(bench.batch_size)
+    xs, cs, ds = batch(bench.sample_batch)
+    ts = torch.full((bench.sample_batch,), len(ab) // 2, device=device)
+    eps_fn = m.denoiser(net, cs, ds, config["cfg"], ab)  # guided: a doubled batch
 
     def train_step():
-        with ctx():
-            loss = loss_fn(run)
+        with m.autocast(dtype, device):
+            loss = m.p_losses(net, x, c, ab, config["p_uncond"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(p, 1e-3)
+        m.update_ema(ema, model, 0.999)
 
     def sample_step():
-        with torch.inference_mode(), ctx():
-            sample_fn(run.eval())
-        run.train()
+        with torch.no_grad(), m.autocast(dtype, device):
+            eps_fn(xs, ts)
 
     with FlopCounterMode(display=False) as fc:
-        with ctx():
-            loss_fn(model).backward()
+        with m.autocast(dtype, device):
+            m.p_losses(model, x, c, ab, config["p_uncond"]).backward()
     flops = fc.get_total_flops()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -139,20 +137,20 @@ def bench_script(name, bench, peak):
 def main(argv=None):
     bench = get_args(argv)
     device = torch.device(bench.device)
-    dtype = torch.bfloat16 if bench.dtype == "bf16" or (bench.dtype is None and device.type == "cuda") else torch.float32
+    dtype = importlib.import_module("mnist_ddpm").amp_dtype(bench.dtype, device)
     peak = matmul_peak(device, dtype)
-    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {device}: "
-          f"matmul peak {peak / 1e9:.0f} GFLOP/s ({dtype}), batch {bench.batch_size}")
+    print(f"{machine(device)}, {device}: matmul peak {peak / 1e9:.0f} GFLOP/s ({dtype or 'fp32'}), "
+          f"batch {bench.batch_size}, torch {torch.__version__}")
     rows = []
     for name in bench.script or SCRIPTS:
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             rows.append(pool.submit(bench_script, name, bench, peak).result())
-    cols = list(rows[0])
-    print(" | ".join(cols))
+    print(" | ".join(rows[0]))
     for r in rows:
         print(" | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in r.values()))
-    json.dump(dict(device=str(device), threads=torch.get_num_threads(), matmul_peak_gflop_s=peak / 1e9,
-                   options=vars(bench), results=rows), open(bench.out, "w"), indent=2)
+    with open(bench.out, "w") as f:
+        json.dump(dict(machine=machine(device), device=str(device), matmul_peak_gflop_s=peak / 1e9,
+                       options=vars(bench), results=rows), f, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,201 +1,408 @@
-"""Train a diffusion U-Net on faces conditioned on CelebA's 40 attributes through cross-attention (or on
-CIFAR-10 / MNIST classes as one-hot tokens), then sample faces with chosen attributes.
+"""Train a diffusion U-Net on faces conditioned on CelebA's 40 attributes through cross-attention
+(or on CIFAR-10 / MNIST classes as one-hot tokens), then sample faces with chosen attributes.
 
-    python celeba_crossattn.py                                    # CelebA in ./data/celeba, 64x64
+    python celeba_crossattn.py                              # CelebA in ./data/celeba, 64x64
     python celeba_crossattn.py --size 256 --image-dir CelebAMask-HQ/CelebA-HQ-img \\
-        --attr-file CelebAMask-HQ/CelebAMask-HQ-attribute-anno.txt  # CelebA-HQ (CelebAMask-HQ's layout)
-    python celeba_crossattn.py --dataset cifar10                  # the same model on CIFAR-10 (or mnist)
-    python celeba_crossattn.py --sample --attrs "Male,Smiling,-Eyeglasses"  # or --attrs-from 000123.jpg
-    python celeba_crossattn.py --sample --fid 10000               # FID against the training images (fid.py)
-    torchrun --nproc_per_node=4 celeba_crossattn.py               # several GPUs, DistributedDataParallel
+        --attr-file CelebAMask-HQ/CelebAMask-HQ-attribute-anno.txt        # CelebA-HQ
+    python celeba_crossattn.py --dataset cifar10            # the same model on CIFAR-10 (or mnist)
+    python celeba_crossattn.py --sample --labels "Male,Smiling,-Eyeglasses"  # or --attrs-from FILE
+    python celeba_crossattn.py --sample --fid 10000         # FID against the training images
+    torchrun --nproc_per_node=4 celeba_crossattn.py         # several GPUs, DistributedDataParallel
 
-Follows seed 003, "Class Conditional Diffusion" (U-Net with a shared FiLM time projection, multi-hot attribute
-cross-attention at the bottleneck, cosine schedule, EMA, bf16) with SPEC.md's command line; it adds
-classifier-free guidance (--p-uncond, --cfg); --p-uncond 0 is the seed's setting.
+Follows seed 003, "Class Conditional Diffusion" (U-Net with a shared FiLM time projection,
+multi-hot attribute cross-attention at the bottleneck, cosine schedule, EMA, bf16) with the
+collection's shared command line (SPEC.md); it adds classifier-free guidance (--p-uncond 0 is the
+seed's setting).
 """
 import argparse
 import copy
 import json
 import math
 import os
+import socket
 import sys
 import time
 from contextlib import nullcontext
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-import torchvision.transforms as T
-from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 from tqdm import tqdm
 
-TOGGLE = "Male,Smiling,Eyeglasses,Blond_Hair,Young,Heavy_Makeup"
+# ----------------------------------------------------------------------------- config
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=["celeba", "cifar10", "mnist"], default="celeba", help="data set")
-    g.add_argument("--data-dir", default="./data", help="holds celeba/img_align_celeba + list_attr_celeba.txt")
-    g.add_argument("--image-dir", default=None, help="CelebA-HQ images (CelebAMask-HQ/CelebA-HQ-img)")
-    g.add_argument("--attr-file", default=None, help="attribute file for --image-dir (CelebA format)")
-    g.add_argument("--image-folder", default=None, help="your own images, one sub-folder per class")
-    g.add_argument("--download", action="store_true", help="try torchvision's CelebA download")
-    g.add_argument("--size", type=int, default=None, help="image side in px (default 64 celeba, 32 else)")
-    g.add_argument("--limit", type=int, default=0, help="use only the first N training images (0: all)")
-    g.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
-    g = p.add_argument_group("model")
-    g.add_argument("--width", type=int, default=64, help="base channels of the U-Net (levels x1,x2,x2,x4)")
-    g.add_argument("--depth", type=int, default=2, help="residual blocks per level (seed: 2)")
-    g.add_argument("--dropout", type=float, default=0.0, help="dropout in residual blocks")
-    g = p.add_argument_group("diffusion")
-    g.add_argument("--steps", "--timesteps", type=int, default=1000, help="diffusion timesteps T")
-    g.add_argument("--schedule", choices=["cosine", "linear"], default="cosine", help="noise schedule")
-    g.add_argument("--p-uncond", type=float, default=0.1, help="probability of null tokens (0: the seed)")
-    g = p.add_argument_group("training")
-    g.add_argument("--iters", type=int, default=50000, help="optimizer steps")
-    g.add_argument("--batch-size", type=int, default=32, help="images per step per device")
-    g.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate after warm-up")
-    g.add_argument("--warmup", type=int, default=500, help="linear learning-rate warm-up, steps")
-    g.add_argument("--ema", type=float, default=0.9999, help="largest EMA decay (warm-up as ema-pytorch)")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
-    g.add_argument("--seed", type=int, default=0, help="random seed; runs are repeatable")
-    g.add_argument("--log-every", type=int, default=50, help="steps between log.jsonl lines")
-    g.add_argument("--sample-every", type=int, default=2000, help="steps between sample grids")
-    g.add_argument("--ckpt-every", type=int, default=1000, help="steps between ckpt.pt saves")
-    g.add_argument("--save-every", type=int, default=0, help="also keep ckpt_<step>.pt every N steps")
-    g.add_argument("--keep", type=int, default=0, help="keep at most K periodic checkpoints (0: all)")
-    g.add_argument("--resume", action="store_true", help="continue from the run's ckpt.pt")
-    g = p.add_argument_group("sampling")
-    g.add_argument("--sample", action="store_true", help="no training: sample from --ckpt")
-    g.add_argument("--ckpt", default=None, help="checkpoint to sample from (default: run's ckpt.pt)")
-    g.add_argument("--attrs", default="", help="celeba: 'Male,Smiling,-Eyeglasses'; others follow their frequency")
-    g.add_argument("--attrs-from", default=None, help="celeba: copy this image's attribute row (000123.jpg)")
-    g.add_argument("--toggle", default=TOGGLE, help="celeba: attributes flipped one per row in toggles.png")
-    g.add_argument("--labels", default="all", help="cifar10/mnist: class indices, 'uncond', or 'all'")
-    g.add_argument("--n", type=int, default=8, help="samples per row with --sample")
-    g.add_argument("--cfg", "--guidance_scale", type=float, default=2.0, help="W: eps_u + W*(eps_c - eps_u)")
-    g.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], default="ddim", help="reverse process")
-    g.add_argument("--sample-steps", type=int, default=50, help="steps K of ddim/dpmpp (ddpm uses T)")
-    g.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 ancestral")
-    g.add_argument("--gif", action="store_true", help="with --sample, also write denoise.gif")
-    g.add_argument("--fid", type=int, default=0, help="FID from N samples against the training images")
-    g.add_argument("--fid-weights", default="download", help="FID Inception weights: download or a path")
-    g = p.add_argument_group("system")
-    g.add_argument("--out-dir", default="out/celeba_crossattn", help="where everything is written")
-    g.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
-    g.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on CUDA, else fp32")
-    g.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
-    g.add_argument("--tensorboard", action="store_true", help="also log to <out-dir>/tb")
-    g.add_argument("--config", default=None, help="a run's config.json to use as defaults")
-    args = p.parse_args(argv)
-    if args.config:  # a saved config becomes the defaults; flags given on the command line still win
-        if not os.path.isfile(args.config):
-            die(f"--config: no such file {args.config}")
-        p.set_defaults(**{k: v for k, v in json.load(open(args.config)).items() if k not in ("config", "resume")})
-        args = p.parse_args(argv)
-    args.size = args.size or (64 if args.dataset == "celeba" and not args.image_folder else 32)
-    for flag, ok in [("--steps", args.steps > 0), ("--cfg", args.cfg >= 0), ("--iters", args.iters > 0),
-                     ("--sample-steps", args.sample_steps > 0), ("--n", args.n > 0), ("--size", args.size >= 16),
-                     ("--batch-size", args.batch_size > 0), ("--p-uncond", 0 <= args.p_uncond < 1)]:
-        if not ok:
-            die(f"{flag} is out of range (see --help)")
-    return args
+NAME = "celeba_crossattn"  # names the output folder; checkpoints record it
+DEFAULTS = dict(  # this script's values of the flags whose defaults differ between the five scripts
+    width=64, depth=2, dropout=0.0, steps=1000, schedule="cosine", p_uncond=0.1, iters=50000,
+    batch_size=32, lr=2e-4, lr_decay="none", warmup=500, weight_decay=0.0, ema=0.9999, val_size=0,
+    workers=4, log_every=50, sample_every=2000, ckpt_every=1000, cfg=2.0, per_label=8,
+    sample_steps=50, eta=0.0)
+OWN_FLAGS = [  # this script's flags beyond the collection's: (flag, argparse keywords)
+    ("--dataset", dict(choices=["celeba", "cifar10", "mnist"], default="celeba",
+                       help="CelebA's attributes, or the same model on CIFAR-10 / MNIST classes")),
+    ("--image-dir", dict(help="CelebA-HQ images (CelebAMask-HQ/CelebA-HQ-img), with --attr-file")),
+    ("--attr-file", dict(help="the attribute file of --image-dir (CelebA's format)")),
+    ("--download", dict(action="store_true", help="try torchvision's CelebA download")),
+    ("--size", dict(type=int, help="image side in pixels; None: 64 for CelebA, 32 otherwise")),
+    ("--toggle", dict(default="Male,Smiling,Eyeglasses,Blond_Hair,Young,Heavy_Makeup",
+                      help="attributes flipped, one a row, in the toggle grids")),
+    ("--attrs-from", dict(help="an image of the attribute file: its row replaces the frequencies"))]
+EXTRAS = {}  # the source project's extras register here (last section); the rest runs without them
+
 
 def die(msg):
+    """Bad input: one line on stderr, exit status 2."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 
+def get_args(argv=None):
+    """SPEC's flags with this script's DEFAULTS, its OWN_FLAGS and its source project's spellings;
+    --config's settings become defaults that the command line overrides."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.error = die  # argparse's own errors in one line too
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", default="./data", help="where the data set is or is downloaded to")
+    g.add_argument("--image-folder", help="train on your own images, one sub-folder per class")
+    g.add_argument("--limit", type=int, default=0, help="use the first N training images (0: all)")
+    g.add_argument("--val-size", type=int, help="images held out for the validation loss, best.pt")
+    g.add_argument("--workers", type=int, help="DataLoader processes that decode images")
+    g = p.add_argument_group("model and diffusion")
+    g.add_argument("--width", type=int, help="base channels (U-Net) or hidden size (DiT)")
+    g.add_argument("--depth", type=int, help="blocks per resolution (U-Net) or in all (DiT)")
+    g.add_argument("--dropout", type=float, help="dropout probability in the blocks")
+    g.add_argument("--steps", type=int, help="diffusion timesteps T of the noise schedule")
+    g.add_argument("--schedule", choices=["linear", "cosine", "sigmoid"], help="noise schedule")
+    g.add_argument("--p-uncond", type=float, help="probability of dropping the condition (CFG)")
+    g.add_argument("--uncond", action="store_true", help="plain DDPM: the condition is never used")
+    g.add_argument("--loss", choices=["mse", "l1"], default="mse", help="loss on the prediction")
+    g = p.add_argument_group("training")
+    g.add_argument("--iters", type=int, help="optimizer steps")
+    g.add_argument("--epochs", type=int, default=0, help="passes over the data (0: --iters)")
+    g.add_argument("--batch-size", type=int, help="images per micro-batch and device")
+    g.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, help="AdamW learning rate after the warm-up")
+    g.add_argument("--lr-decay", choices=["none", "cosine"], help="after the warm-up: to 0 or not")
+    g.add_argument("--warmup", type=int, help="steps of linear learning-rate warm-up")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="largest gradient norm (0: off)")
+    g.add_argument("--ema", type=float, help="EMA decay, warmed up as (1 + n) / (10 + n)")
+    g.add_argument("--seed", type=int, default=0, help="random seed: runs are repeatable")
+    g.add_argument("--log-every", type=int, help="steps between log.jsonl lines")
+    g.add_argument("--sample-every", type=int, help="steps between samples_<step>.png grids")
+    g.add_argument("--ckpt-every", type=int, help="steps between ckpt.pt saves")
+    g.add_argument("--save-every", type=int, default=0, help="steps between kept ckpt_<step>.pt")
+    g.add_argument("--keep", type=int, default=0, help="keep the newest K ckpt_<step>.pt (0: all)")
+    g.add_argument("--resume", action="store_true", help="continue from the run's ckpt.pt")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--sample", action="store_true", help="no training: sample from --ckpt")
+    g.add_argument("--ckpt", help="checkpoint to sample from (default: the run's ckpt.pt)")
+    g.add_argument("--labels", nargs="+", default=["all"], help="what to sample (see conditions)")
+    g.add_argument("--per-label", type=int, help="samples of each label with --sample (a row)")
+    g.add_argument("--cfg", type=float, help="guidance W: e_u + W (e_c - e_u); 0 uncond, 1 cond")
+    g.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], default="ddim",
+                   help="ancestral DDPM on all T steps, DDIM or DPM-Solver++(2M) on --sample-steps")
+    g.add_argument("--sample-steps", type=int, help="steps K of ddim and dpmpp")
+    g.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic, 1 ancestral")
+    g.add_argument("--gif", action="store_true", help="with --sample, also write denoise.gif")
+    g.add_argument("--fid", type=int, default=0, help="FID and IS of N samples (fid.json)")
+    g.add_argument("--fid-weights", default="download", help="Inception weights: download, a path")
+    g = p.add_argument_group("system")
+    g.add_argument("--out-dir", default=f"out/{NAME}", help="where everything is written")
+    g.add_argument("--device", choices=["cuda", "mps", "cpu"], help="default: the best present")
+    g.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="autocast; auto: bf16 on CUDA 8.0+, fp16 on older CUDA, else fp32")
+    g.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
+    g.add_argument("--tensorboard", action="store_true", help="also log to <out-dir>/tb")
+    g.add_argument("--config", help="a run's config.json: its settings become the defaults")
+    g = p.add_argument_group(f"{NAME} and its source project")
+    for flag, kw in OWN_FLAGS + EXTRAS.get("flags", []):
+        g.add_argument(flag, **kw)
+    p.set_defaults(**DEFAULTS)
+    spellings = EXTRAS.get("spellings", {})  # the source project's flag names -> ours (None: drop)
+    argv = [spellings.get(a, a) for a in (sys.argv[1:] if argv is None else argv)]
+    argv = [a for a in argv if a is not None]
+    args = p.parse_args(argv)
+    if args.config:  # a new run with a saved run's settings: never its --resume or --sample
+        try:
+            with open(args.config) as f:
+                config = dict(json.load(f), config=None, resume=False, sample=False)
+        except (OSError, ValueError, TypeError) as e:
+            die(f"--config {args.config}: not a readable config.json ({type(e).__name__})")
+        unknown = sorted(set(config) - set(vars(args)))
+        if unknown:
+            die(f"--config {args.config}: not a config of {NAME}.py (has {unknown[0]!r})")
+        p.set_defaults(**config)
+        args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(a):
+    """The range of every number, in one table: the first one outside ends the run, in one line."""
+    checks = [("--steps", a.steps > 0, "> 0"), ("--iters", a.iters > 0, "> 0"),
+              ("--epochs", a.epochs >= 0, ">= 0"), ("--batch-size", a.batch_size > 0, "> 0"),
+              ("--accum", a.accum > 0, "> 0"), ("--lr", a.lr > 0, "> 0"),
+              ("--warmup", a.warmup >= 0, ">= 0"), ("--weight-decay", a.weight_decay >= 0, ">= 0"),
+              ("--grad-clip", a.grad_clip >= 0, ">= 0"), ("--ema", 0 <= a.ema < 1, "in [0, 1)"),
+              ("--p-uncond", 0 <= a.p_uncond < 1, "in [0, 1)"), ("--width", a.width > 0, "> 0"),
+              ("--depth", a.depth > 0, "> 0"), ("--dropout", 0 <= a.dropout < 1, "in [0, 1)"),
+              ("--limit", a.limit >= 0, ">= 0"), ("--val-size", a.val_size >= 0, ">= 0"),
+              ("--workers", a.workers >= 0, ">= 0"), ("--log-every", a.log_every > 0, "> 0"),
+              ("--sample-every", a.sample_every > 0, "> 0"), ("--keep", a.keep >= 0, ">= 0"),
+              ("--ckpt-every", a.ckpt_every > 0, "> 0"), ("--cfg", a.cfg >= 0, ">= 0"),
+              ("--save-every", a.save_every >= 0, ">= 0"), ("--per-label", a.per_label > 0, "> 0"),
+              ("--sample-steps", a.sample_steps > 0, "> 0"), ("--eta", 0 <= a.eta <= 1, "in [0,1]"),
+              ("--fid", a.fid == 0 or a.fid >= 10, "0 or >= 10 (IS splits the samples in 10)")]
+    for flag, ok, rule in checks:
+        if not ok:
+            die(f"{flag} {getattr(a, flag[2:].replace('-', '_'))}: must be {rule}")
+
+
 # ----------------------------------------------------------------------------- data
 
-class Images(Dataset):
-    """(uint8 [C, size, size] image, condition vector) pairs from files (resized, center-cropped) or memory."""
-    def __init__(self, conds, size, files=None, images=None):
-        self.conds, self.files, self.images = conds, files, images
-        self.tf = T.Compose([T.Resize(size), T.CenterCrop(size), T.PILToTensor()])
-    def __len__(self):
-        return len(self.conds)
-    def __getitem__(self, i):
-        if self.images is not None:
-            return self.images[i], self.conds[i]
-        with Image.open(self.files[int(i)]) as im:
-            return self.tf(im.convert("RGB")), self.conds[i]
+META = dict(  # the facts of CelebA (get_data's meta; freq: before reading its attribute file)
+    classes="""5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips
+    Big_Nose Black_Hair Blond_Hair Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses
+    Goatee Gray_Hair Heavy_Makeup High_Cheekbones Male Mouth_Slightly_Open Mustache Narrow_Eyes
+    No_Beard Oval_Face Pale_Skin Pointy_Nose Receding_Hairline Rosy_Cheeks Sideburns Smiling
+    Straight_Hair Wavy_Hair Wearing_Earrings Wearing_Hat Wearing_Lipstick Wearing_Necklace
+    Wearing_Necktie Young""".split(), kind="attrs", freq=[0.5] * 40, channels=3, size=64,
+    hflip=False, fid_ref="celeba-train")
+
+
+def get_data(config, split="train"):
+    """(data set of (uint8 [B, C, size, size] images, float conditions [B, n]) batches, meta):
+    CelebA's training partition with its 40 attributes (multi-hot; decoded lazily), CIFAR-10's or
+    MNIST's training set (--dataset) or --image-folder with one-hot classes. split="fid" is the
+    same set: FID compares with the training images."""
+    celeba = config["dataset"] == "celeba" and not config["image_folder"]
+    size = config["size"] or (64 if celeba else 32)
+    if size < 16:
+        die(f"--size {size}: must be >= 16 (the U-Net halves it four times)")
+    meta = dict(META, kind="classes", size=size, fid_ref=f"{config['dataset']}-train")
+    if config["image_folder"]:
+        images, labels, meta["classes"] = image_folder(config["image_folder"], size, 3)
+        data = TensorDataset(images, F.one_hot(labels, len(meta["classes"])).float())
+        meta["fid_ref"] = "image-folder"
+    elif celeba:
+        meta["classes"], files, attrs = celeba_files(config)
+        data = Faces(files, attrs, size)
+        meta.update(kind="attrs", attr_file=os.path.abspath(attr_path(config)))
+        if config["image_dir"]:  # any folder: its FID statistics are not cached under a name
+            meta["fid_ref"] = "image-folder"
+    else:
+        data, meta["classes"] = torchvision_set(config["dataset"], config["data_dir"], size)
+        meta["channels"] = data.tensors[0].shape[1]
+    conds = data.conds if isinstance(data, Faces) else data.tensors[1]
+    meta["freq"] = conds.mean(0).tolist()  # how often each attribute (class) is on: for sampling
+    conditions(["all"], 1, meta, config)  # --toggle and --attrs-from fail now, not at step 2000
+    return data, meta
+
+
+def torchvision_set(name, root, size):
+    """CIFAR-10's or MNIST's training set at size x size, one-hot labels, and the class names."""
+    cifar = name == "cifar10"
+    files = "cifar-10-batches-py/" if cifar else "MNIST/raw/ (the four IDX files)"
+    where = f"put {files} in {root}"
+    cls = torchvision.datasets.CIFAR10 if cifar else torchvision.datasets.MNIST
+    ds = download_once(lambda: cls(root, train=True, download=True), where)
+    x = torch.as_tensor(ds.data)
+    x = x.permute(0, 3, 1, 2) if cifar else x[:, None]  # CIFAR [N, H, W, C], MNIST [N, H, W]
+    if x.shape[-1] != size:
+        x = torchvision.transforms.functional.resize(x, [size, size], antialias=True)
+    y = F.one_hot(torch.as_tensor(ds.targets), len(ds.classes)).float()
+    return TensorDataset(x.contiguous(), y), list(ds.classes)
+
 
 def read_attr_file(path):
-    """CelebA's attribute list (a count, the names, '<file> 1 -1 ...' per image) -> names, files, 0/1 [N, n]."""
+    """CelebA's attribute file (line 1 the number of images, line 2 the attribute names, then
+    '<file> 1 -1 ...' per image) -> names, files, attributes 0/1 [N, n]."""
     try:
-        lines = [line.split() for line in open(path) if line.strip()]
+        with open(path) as f:
+            lines = [line.split() for line in f if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
-        die(f"cannot read attribute file {path} ({type(e).__name__})")
-    if len(lines) < 2 or len(lines[0]) != 1 or not lines[0][0].isdigit() or int(lines[0][0]) != len(lines) - 2:
-        die(f"{path}: malformed attribute file (line 1 must be the number of image rows that follow line 2)")
+        die(f"cannot read the attribute file {path} ({type(e).__name__})")
+    if len(lines) < 2 or lines[0] != [str(len(lines) - 2)]:
+        die(f"{path}: malformed attribute file (line 1 must be the number of image rows that "
+            f"follow line 2)")
     for i, row in enumerate(lines[2:]):
         if len(row) != len(lines[1]) + 1 or not set(row[1:]) <= {"1", "-1"}:
-            die(f"{path}: malformed attribute file at row {i + 3} (want a file name and {len(lines[1])} values 1/-1)")
-    return lines[1], [r[0] for r in lines[2:]], torch.tensor([[v == "1" for v in r[1:]] for r in lines[2:]]).float()
+            die(f"{path}: malformed attribute file at row {i + 3} (want a file name and "
+                f"{len(lines[1])} values 1/-1)")
+    attrs = torch.tensor([[v == "1" for v in row[1:]] for row in lines[2:]]).float()
+    return lines[1], [row[0] for row in lines[2:]], attrs
 
-def attr_path(args):
-    return args.attr_file or os.path.join(args.data_dir, "celeba", "list_attr_celeba.txt")
 
-def celeba_files(args):
-    """CelebA's layout under --data-dir (its training partition if list_eval_partition.txt is there), or
-    CelebA-HQ through --image-dir and --attr-file -> attribute names, image paths, attributes."""
-    root = os.path.join(args.data_dir, "celeba")
-    image_dir, attr_file = args.image_dir or os.path.join(root, "img_align_celeba"), attr_path(args)
+def attr_path(config):
+    return config["attr_file"] or os.path.join(config["data_dir"], "celeba", "list_attr_celeba.txt")
+
+
+def celeba_files(config):
+    """CelebA's layout under --data-dir/celeba (its training partition where
+    list_eval_partition.txt is), or CelebA-HQ through --image-dir and --attr-file -> attribute
+    names, image paths, attributes."""
+    root = os.path.join(config["data_dir"], "celeba")
+    image_dir = config["image_dir"] or os.path.join(root, "img_align_celeba")
+    attr_file = attr_path(config)
     where = f"put img_align_celeba/ and list_attr_celeba.txt in {root}"
-    if args.download and not args.image_dir:
-        try:
-            torchvision.datasets.CelebA(args.data_dir, split="all", target_type="attr", download=True)
-        except Exception as e:  # its host often refuses the download
-            die(f"CelebA download failed ({type(e).__name__}); {where}")
+    if config["download"] and not config["image_dir"]:
+        download_once(lambda: torchvision.datasets.CelebA(config["data_dir"], "all", "attr",
+                                                          download=True), where)
     if not (os.path.isfile(attr_file) and os.path.isdir(image_dir)):
-        die(f"no CelebA at {image_dir} + {attr_file}: {where}, or pass --image-dir and --attr-file, or --download")
+        die(f"no CelebA at {image_dir} and {attr_file}: {where}, or pass --image-dir and "
+            f"--attr-file, or --download")
     names, files, attrs = read_attr_file(attr_file)
     split = os.path.join(root, "list_eval_partition.txt")
-    if not args.image_dir and os.path.isfile(split):
-        train = {r[0] for r in map(str.split, open(split)) if r[1:] == ["0"]}
-        keep = [i for i, f in enumerate(files) if f in train]
+    if not config["image_dir"] and os.path.isfile(split):  # partition 0 is the training set
+        with open(split) as f:
+            train = {row[0] for row in map(str.split, f) if row[1:] == ["0"]}
+        keep = [i for i, name in enumerate(files) if name in train]
         files, attrs = [files[i] for i in keep], attrs[keep]
     missing = sorted(set(files) - set(os.listdir(image_dir)))
     if missing:
-        die(f"{len(missing)} images listed in {attr_file} are missing from {image_dir}, e.g. {missing[0]}")
-    return names, [os.path.join(image_dir, f) for f in files], attrs
+        die(f"{len(missing)} images listed in {attr_file} are missing from {image_dir}, e.g. "
+            f"{missing[0]}")
+    return names, [os.path.join(image_dir, name) for name in files], attrs
 
-def get_data(args):
-    """The training set (Images), the condition names, and 'attrs' (multi-hot) or 'classes' (one-hot)."""
-    n = args.limit or None
-    if args.image_folder:
-        try:
-            ds = torchvision.datasets.ImageFolder(args.image_folder)
-        except (FileNotFoundError, RuntimeError) as e:
-            die(f"--image-folder {args.image_folder}: {e}".splitlines()[0])
-        onehot = F.one_hot(torch.tensor(ds.targets[:n]), len(ds.classes)).float()
-        return Images(onehot, args.size, files=[f for f, _ in ds.samples[:n]]), ds.classes, "classes"
-    if args.dataset == "celeba":
-        names, files, attrs = celeba_files(args)
-        return Images(attrs[:n], args.size, files=files[:n]), names, "attrs"
-    cls = torchvision.datasets.CIFAR10 if args.dataset == "cifar10" else torchvision.datasets.MNIST
+
+class Faces(Dataset):
+    """Image files decoded when a batch asks for them (in the DataLoader's workers), resized and
+    centre-cropped: data[index tensor] -> (uint8 [B, 3, size, size], conditions [B, n]). A file that
+    does not decode is named once on stderr and the next readable image stands in for it, so one
+    damaged JPEG never stops a run (nor its --resume)."""
+
+    def __init__(self, files, conds, size):
+        tf = torchvision.transforms
+        self.files, self.conds, self.bad = files, conds, set()
+        self.tf = tf.Compose([tf.Resize(size), tf.CenterCrop(size), tf.PILToTensor()])
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, idx):
+        images, used = zip(*[self.read(i) for i in idx.tolist()])
+        return torch.stack(images), self.conds[list(used)]
+
+    def read(self, i):
+        """(image i or the first readable one after it, its index)."""
+        for j in [(i + k) % len(self.files) for k in range(len(self.files))]:
+            try:
+                with Image.open(self.files[j]) as im:
+                    return self.tf(im.convert("RGB")), j
+            except (OSError, ValueError) as e:
+                if j not in self.bad:
+                    self.bad.add(j)
+                    print(f"warning: skipping {self.files[j]}, not a readable image ({e})",
+                          file=sys.stderr)
+        die(f"none of the {len(self.files)} images is readable")
+
+
+def conditions(labels, per_label, meta, config):
+    """(cond, drop, row length) of --labels. Classes: label_conds as one-hot vectors. Attributes:
+    each word is a row, "Male,Smiling,-Eyeglasses": the named attributes on, -X off, the others
+    drawn with their training frequency from a fixed seed (the same draws in every row) or taken
+    from --attrs-from's row; "all" is the --toggle grid: that base row, then the same row with one
+    attribute flipped (c -> 1 - c) per row. per_label samples a row."""
+    names = meta["classes"]
+    if meta["kind"] == "classes":
+        y, drop, nrow = label_conds(labels, per_label, meta, config["uncond"])
+        return F.one_hot(y, len(names)).float(), drop, nrow
+    g = torch.Generator().manual_seed(config["seed"])
+    base = torch.bernoulli(torch.tensor(meta["freq"]).expand(per_label, -1), generator=g)
+    if config["attrs_from"]:
+        path = config["attr_file"] or meta["attr_file"]  # by default, the run's
+        name = os.path.basename(config["attrs_from"])
+        _, files, attrs = read_attr_file(path)
+        if name not in files:
+            die(f"--attrs-from: {name} is not listed in {path}")
+        base = attrs[files.index(name)].expand(per_label, -1)
+    if config["uncond"]:  # an unconditional model: one row of null tokens
+        return base, torch.ones(per_label, dtype=torch.bool), per_label
+    words = [w.strip() for w in labels]
+    if words == ["all"]:
+        cond = toggle_rows(base, config["toggle"], names)
+    else:
+        cond = torch.cat([base] * len(words))
+        for i, w in enumerate(words):
+            for s in filter(None, (s.strip() for s in w.split(","))):
+                j = attr_index(s.lstrip("+-"), names, "--labels")
+                cond[i * per_label:(i + 1) * per_label, j] = float(s[0] != "-")
+    return cond, torch.zeros(len(cond), dtype=torch.bool), per_label
+
+
+def toggle_rows(base, toggle, names):
+    """base, then base with each --toggle attribute flipped (c -> 1 - c), a row each."""
+    rows = [base]
+    for s in toggle.split(","):
+        flip = torch.arange(len(names)) == attr_index(s.strip(), names, "--toggle")
+        rows.append(torch.where(flip, 1 - base, base))
+    return torch.cat(rows)
+
+
+def attr_index(name, names, flag):
+    if name not in names:
+        die(f"{flag}: unknown attribute {name!r} (known: {', '.join(names)})")
+    return names.index(name)
+
+
+def image_folder(path, size, channels):
+    """uint8 [N, C, size, size] images (resized, centre-cropped), labels and class names of an
+    ImageFolder tree, in a fixed random order (so that --limit and the held-out images see every
+    class). An unreadable image stops the start, naming the file."""
+    if not os.path.isdir(path):
+        die(f"--image-folder {path}: not a folder")
+    tf = torchvision.transforms
+    resize = tf.Compose([tf.Resize(size), tf.CenterCrop(size), tf.PILToTensor()])
     try:
-        ds = cls(args.data_dir, train=True, download=True)
-    except Exception as e:  # no network: say where the files go
-        where = "cifar-10-batches-py/" if args.dataset == "cifar10" else "MNIST/raw/ (the four IDX files)"
-        die(f"could not get {args.dataset} ({type(e).__name__}); put {where} in {args.data_dir}")
-    x = torch.as_tensor(ds.data[:n])
-    x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)  # MNIST [N, H, W], CIFAR [N, H, W, C]
-    x = x if x.shape[-1] == args.size else T.functional.resize(x, [args.size] * 2, antialias=True)
-    onehot = F.one_hot(torch.as_tensor(ds.targets[:n]), 10).float()
-    return Images(onehot, args.size, images=x), [str(c) for c in ds.classes], "classes"
+        ds = torchvision.datasets.ImageFolder(path)
+    except (FileNotFoundError, RuntimeError) as e:
+        die(f"--image-folder {path}: {e}".splitlines()[0])
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0)).tolist()
+    images = []
+    for i in tqdm(order, desc="reading images", leave=False, disable=None):  # None: on a terminal
+        try:
+            with Image.open(ds.samples[i][0]) as im:
+                images.append(resize(im.convert("L" if channels == 1 else "RGB")))
+        except OSError as e:
+            die(f"--image-folder: {ds.samples[i][0]} is not a readable image ({e})")
+    return torch.stack(images), torch.tensor(ds.targets)[order], ds.classes
 
-def batches(n, batch_size, seed, rank, world, start_step):
-    """Index batches forever, epoch after epoch; the same seed and step give the same batch."""
+
+def download_once(fetch, where):
+    """A torchvision data set, downloaded by one process per machine while the others wait."""
+    wait = dist.is_initialized() and int(os.environ.get("LOCAL_RANK", 0)) > 0
+    if wait:
+        dist.barrier()
+    try:
+        ds = fetch()
+    except Exception as e:  # no network, or broken files: say which files go where
+        die(f"could not read or download the data set ({type(e).__name__}); {where}")
+    if dist.is_initialized() and not wait:
+        dist.barrier()
+    return ds
+
+
+def split_data(data, limit, val_size):
+    """(train, val): the last val_size images (at most a tenth) held out, the same in every run;
+    train: the first --limit of the others (0: all)."""
+    n = len(data) - min(val_size, len(data) // 10)
+    return Subset(data, torch.arange(min(limit or n, n))), Subset(data, torch.arange(n, len(data)))
+
+
+def batches(n, batch_size, seed, rank, world, start):
+    """Index batches forever, epoch after epoch, each rank its share; the same seed and start give
+    the same batches, so --resume continues mid-epoch."""
     sampler = DistributedSampler(range(n), world, rank, shuffle=True, seed=seed, drop_last=True)
     per_epoch = len(sampler) // batch_size
-    epoch, skip = divmod(start_step, per_epoch)
+    epoch, skip = divmod(start, per_epoch)
     while True:
         sampler.set_epoch(epoch)
         idx = torch.tensor(list(sampler))
@@ -203,14 +410,22 @@ def batches(n, batch_size, seed, rank, world, start_step):
             yield idx[b * batch_size:(b + 1) * batch_size]
         epoch, skip = epoch + 1, 0
 
-def loader(data, args, device, rank, world, step):
-    """(uint8 images, conditions) batches from `step` on, decoded by DataLoader workers; the loader's own
-    generator leaves the global RNG stream alone, so a resumed run continues exactly."""
-    if len(data) // world < args.batch_size:
-        die(f"--batch-size {args.batch_size} is larger than the data set ({len(data) // world} images per device)")
-    stream = batches(len(data), args.batch_size, args.seed, rank, world, step)
-    return iter(DataLoader(data, batch_sampler=stream, num_workers=args.workers, pin_memory=device.type == "cuda",
-                           persistent_workers=args.workers > 0, generator=torch.Generator()))
+
+def loader(data, batch_size, seed, rank, world, start, workers, device):
+    """(uint8 images, conditions) batches from batch `start` on, fetched by `workers` processes; its
+    own generator leaves the global random stream alone (exact --resume)."""
+    if len(data) // world < batch_size:
+        die(f"--batch-size {batch_size} is larger than the data set ({len(data) // world} images "
+            f"per device)")
+    return iter(DataLoader(data, batch_size=None, num_workers=workers, generator=torch.Generator(),
+                           sampler=batches(len(data), batch_size, seed, rank, world, start),
+                           pin_memory=device.type == "cuda", persistent_workers=workers > 0))
+
+
+def to_model(images, device):
+    """uint8 [0, 255] -> float [-1, 1] on the device, channels_last (faster convolutions)."""
+    x = images.to(device, non_blocking=True).float() / 127.5 - 1
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 # ----------------------------------------------------------------------------- model
@@ -221,70 +436,95 @@ def timestep_embedding(t, dim):
     args = t.float()[:, None] * freqs[None]
     return torch.cat([args.sin(), args.cos()], dim=1)
 
-class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice with FiLM, h = norm(h) * (1 + scale) + shift, where (scale, shift) are the first
-    `cout` channels of one time projection shared across the U-Net (the seed's sharing); then self-attention."""
-    def __init__(self, cin, cout, dropout, attn=False):
-        super().__init__()
-        self.norm1, self.conv1 = nn.GroupNorm(8, cin), nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2, self.conv2 = nn.GroupNorm(8, cout), nn.Conv2d(cout, cout, 3, padding=1)
-        self.dropout, self.cout = nn.Dropout(dropout), cout
-        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
-        self.attn = Attention(cout) if attn else nn.Identity()
-    def forward(self, x, film):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.norm2(h) * (1 + film[0][:, :self.cout]) + film[1][:, :self.cout]
-        return self.attn(self.skip(x) + self.conv2(self.dropout(F.silu(h))))
-
-class Attention(nn.Module):
-    """Multi-head attention of a feature map's pixels to themselves or (ctx_dim) to context tokens, residual:
-    x + proj(softmax(q k^T / sqrt(d)) v)."""
-    def __init__(self, ch, ctx_dim=None, heads=4):
-        super().__init__()
-        self.heads, self.norm = heads, nn.GroupNorm(8, ch)
-        self.q, self.kv, self.proj = nn.Conv2d(ch, ch, 1), nn.Linear(ctx_dim or ch, 2 * ch), nn.Conv2d(ch, ch, 1)
-    def forward(self, x, ctx=None):
-        B, C, H, W = x.shape
-        h = self.norm(x)
-        q = self.q(h).reshape(B, self.heads, C // self.heads, H * W).transpose(-1, -2)
-        src = h.flatten(2).transpose(1, 2) if ctx is None else ctx  # [B, L, D]
-        k, v = self.kv(src).reshape(B, src.shape[1], 2, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)  # [B, heads, H*W, C/heads]
-        return x + self.proj(out.transpose(-1, -2).reshape(B, C, H, W))
 
 class CondTokens(nn.Module):
-    """One token per attribute (or class): token_i = off_i + c_i * (on_i - off_i), c in [0, 1]^n, so multi-hot
-    attributes and one-hot classes give the same kind of sequence; dropped rows get learned null tokens."""
+    """One token per attribute (or class), token_i = off_i + c_i * (on_i - off_i) for c in [0, 1]^n:
+    multi-hot attributes and one-hot classes give the same kind of sequence; rows with drop get the
+    learned null tokens (CFG's unconditional input)."""
+
     def __init__(self, n, dim):
         super().__init__()
         self.on, self.off, self.null = (nn.Parameter(torch.randn(n, dim) * 0.02) for _ in range(3))
+
     def forward(self, c, drop):
         tokens = self.off + c[:, :, None] * (self.on - self.off)
         return torch.where(drop[:, None, None], self.null.to(tokens.dtype), tokens)
 
+
+class Attention(nn.Module):
+    """Multi-head attention of a feature map's pixels to themselves, or (with ctx_dim) to context
+    tokens, added residually: x + proj(softmax(q k^T / sqrt(d)) v)."""
+
+    def __init__(self, ch, ctx_dim=None, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(8, ch)
+        self.q = nn.Conv2d(ch, ch, 1)
+        self.kv = nn.Linear(ctx_dim or ch, 2 * ch)
+        self.proj = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x, ctx=None):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q = self.q(h).reshape(B, self.heads, C // self.heads, H * W).transpose(-1, -2)
+        src = h.flatten(2).transpose(1, 2) if ctx is None else ctx  # [B, L, D]: pixels or tokens
+        kv = self.kv(src).reshape(B, src.shape[1], 2, self.heads, C // self.heads)
+        k, v = kv.permute(2, 0, 3, 1, 4)  # [B, heads, L, C/heads] each
+        h = F.scaled_dot_product_attention(q, k, v)  # [B, heads, H*W, C/heads]
+        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice; FiLM by the time, h = norm(h) * (1 + scale) + shift, where (scale,
+    shift) are the first cout channels of one projection shared by the whole U-Net (the seed's);
+    then self-attention where attn."""
+
+    def __init__(self, cin, cout, dropout, attn=False):
+        super().__init__()
+        self.cout = cout
+        self.norm1 = nn.GroupNorm(8, cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2 = nn.GroupNorm(8, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.dropout = nn.Dropout(dropout)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.attn = Attention(cout) if attn else nn.Identity()
+
+    def forward(self, x, film):
+        scale, shift = film
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.norm2(h) * (1 + scale[:, :self.cout]) + shift[:, :self.cout]
+        return self.attn(self.skip(x) + self.conv2(self.dropout(F.silu(h))))
+
+
 class Upsample(nn.Module):
-    """Nearest-neighbour to the skip's size (odd sizes such as MNIST's 7 included), then a 3x3 convolution."""
+    """Nearest-neighbour to the skip's size (odd sizes such as MNIST's 7 too), then a 3x3 conv."""
+
     def __init__(self, ch):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
     def forward(self, x, size):
         return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
+
 class UNet(nn.Module):
-    """4 levels of `depth` residual blocks (self-attention at the two lower, mid resolutions), strided-conv
-    downsampling to size/16; bottleneck: ResBlock, self-attention, cross-attention to the condition tokens,
-    ResBlock; the mirrored path up with concatenated skips."""
-    def __init__(self, width=64, depth=2, n_cond=40, channels=3, size=64, dropout=0.0, mults=(1, 2, 2, 4)):
+    """4 levels of `depth` residual blocks (self-attention in the two lower ones), strided-conv
+    downsampling to size/16; bottleneck: ResBlock, self-attention, cross-attention to the condition
+    tokens, ResBlock; the mirrored path up with concatenated skips."""
+
+    def __init__(self, width=64, depth=2, n_cond=40, channels=3, dropout=0.0, mults=(1, 2, 2, 4)):
         super().__init__()
         chs, ctx_dim = [width * m for m in mults], 4 * width
-        self.width, self.shape = width, (channels, size, size)
-        self.film = nn.Sequential(nn.Linear(width, 4 * width), nn.SiLU(), nn.Linear(4 * width, 2 * max(chs)))
-        self.cond = CondTokens(n_cond, ctx_dim)
+        self.width = width
+        self.film = nn.Sequential(nn.Linear(width, 4 * width), nn.SiLU(),
+                                  nn.Linear(4 * width, 2 * max(chs)))
+        self.tokens = CondTokens(n_cond, ctx_dim)
         self.stem = nn.Conv2d(channels, width, 3, padding=1)
         self.down, skips, c = nn.ModuleList(), [], width
         for i, co in enumerate(chs):
             for _ in range(depth):
-                self.down.append(ResBlock(c, co, dropout, attn=i in (2, 3)))
+                self.down.append(ResBlock(c, co, dropout, attn=i >= 2))
                 c = co
                 skips.append(c)
             self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
@@ -294,394 +534,750 @@ class UNet(nn.Module):
         for i, co in reversed(list(enumerate(chs))):
             self.up.append(Upsample(c))
             for _ in range(depth):
-                self.up.append(ResBlock(c + skips.pop(), co, dropout, attn=i in (2, 3)))
+                self.up.append(ResBlock(c + skips.pop(), co, dropout, attn=i >= 2))
                 c = co
-        self.out = nn.Sequential(nn.GroupNorm(8, c), nn.SiLU(), nn.Conv2d(c, channels, 3, padding=1))
-    def forward(self, x, t, c, drop):
+        self.out = nn.Sequential(nn.GroupNorm(8, c), nn.SiLU(),
+                                 nn.Conv2d(c, channels, 3, padding=1))
+
+    def forward(self, x, t, cond, drop):
         film = self.film(timestep_embedding(t, self.width))[:, :, None, None].chunk(2, dim=1)
         h, hs = self.stem(x), []
         for m in self.down:
             h = m(h, film) if isinstance(m, ResBlock) else m(h)
-            hs += [h] if isinstance(m, ResBlock) else []
-        h = self.mid2(self.cross_attn(self.self_attn(self.mid1(h, film)), self.cond(c, drop)), film)
+            if isinstance(m, ResBlock):
+                hs.append(h)
+        h = self.self_attn(self.mid1(h, film))
+        h = self.mid2(self.cross_attn(h, self.tokens(cond, drop)), film)
         for m in self.up:
-            h = m(torch.cat([h, hs.pop()], dim=1), film) if isinstance(m, ResBlock) else m(h, hs[-1].shape[-2:])
+            if isinstance(m, ResBlock):
+                h = m(torch.cat([h, hs.pop()], dim=1), film)
+            else:
+                h = m(h, hs[-1].shape[-2:])
         return self.out(h)
+
+
+def build_model(config, meta):
+    """The network for a run's settings and its data's facts."""
+    if config["width"] % 8:
+        die(f"--width {config['width']}: must be a multiple of 8 (GroupNorm's 8 groups)")
+    return UNet(config["width"], config["depth"], len(meta["classes"]), meta["channels"],
+                config["dropout"])
 
 
 # ----------------------------------------------------------------------------- diffusion
 
 def make_betas(schedule, T):
-    if schedule == "linear":  # Ho et al.: 1e-4 .. 0.02 at T=1000, scaled so any T ends equally noisy
-        return torch.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=torch.float64).clamp(max=0.999)
-    # cosine (Nichol & Dhariwal): abar(t) = f(t)/f(0), f(t) = cos((t/T + s)/(1 + s) * pi/2)^2
-    f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + 0.008) / 1.008 * math.pi / 2) ** 2
-    return (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    """beta_1..beta_T, each below 0.999 so that abar_T > 0 however short the schedule."""
+    if schedule == "cosine":  # Nichol & Dhariwal: abar(t) = f(t) / f(0), f = cos(...)^2
+        f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + 0.008) / 1.008 * math.pi / 2)
+        return (1 - f[1:] ** 2 / f[:-1] ** 2).clamp(max=0.999)
+    if schedule == "sigmoid":  # sigmoid(linspace(-6, 6)) between 1e-4 and 0.02
+        betas = torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64)) * (0.02 - 1e-4) + 1e-4
+    else:  # linear (Ho et al.): 1e-4 .. 0.02
+        betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+    return (betas * 1000 / T).clamp(max=0.999)  # those are for T=1000: any T ends as noisy
 
-def alphas_cumprod_of(cfg, device):
-    return torch.cumprod(1 - make_betas(cfg["schedule"], cfg["steps"]), 0).float().to(device)
+
+def make_alphas_cumprod(schedule, T, device):
+    """abar_t = prod_{s <= t} (1 - beta_s), float32 on the device."""
+    return torch.cumprod(1 - make_betas(schedule, T), 0).float().to(device)
+
 
 def q_sample(x0, t, noise, alphas_cumprod):
     """x_t = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * eps"""
-    abar = alphas_cumprod[t].view(-1, 1, 1, 1)
+    abar = alphas_cumprod[t].view(-1, *[1] * (x0.dim() - 1))
     return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
-def p_losses(model, x0, c, alphas_cumprod, p_uncond):
-    """Simple DDPM loss ||eps - eps_theta(x_t, t, c)||^2; the condition becomes null tokens with p_uncond."""
-    t = torch.randint(0, len(alphas_cumprod), (x0.shape[0],), device=x0.device)
-    noise, drop = torch.randn_like(x0), torch.rand(x0.shape[0], device=x0.device) < p_uncond
-    return F.mse_loss(model(q_sample(x0, t, noise, alphas_cumprod), t, c, drop).float(), noise)
+
+def loss_target(x0, noise, abar):
+    """What the network learns to predict: the noise eps (Ho et al.)."""
+    return noise
+
+
+def eps_from_pred(pred, x, abar):
+    """The network's prediction as the noise eps that the samplers take: it is eps."""
+    return pred
+
+
+def p_losses(model, x0, cond, alphas_cumprod, p_uncond, loss="mse", t=None, noise=None, drop=None):
+    """||loss_target - model(x_t, t, cond)||^2 (or L1), x_t = q_sample(x0, t, eps), the condition
+    dropped with probability p_uncond (CFG). t, eps and the drops are drawn from the CPU generator,
+    which --resume restores on any device, unless given."""
+    B, device = x0.shape[0], x0.device
+    t = torch.randint(0, len(alphas_cumprod), (B,)).to(device) if t is None else t
+    noise = torch.randn(x0.shape).to(device) if noise is None else noise
+    drop = (torch.rand(B) < p_uncond).to(device) if drop is None else drop
+    pred = model(q_sample(x0, t, noise, alphas_cumprod), t, cond, drop).float()
+    target = loss_target(x0, noise, alphas_cumprod[t].view(-1, 1, 1, 1))
+    return F.mse_loss(pred, target) if loss == "mse" else F.l1_loss(pred, target)
+
+
+@torch.no_grad()
+def eval_loss(model, data, alphas_cumprod, config, dtype, batch_size=250):
+    """Mean loss over `data`, condition kept, on timesteps and noise fixed by seed 0: comparable
+    between steps, and the training's random streams are untouched."""
+    g, total, device = torch.Generator().manual_seed(0), 0.0, alphas_cumprod.device
+    for idx in torch.arange(len(data)).split(batch_size):
+        images, cond = data[idx]
+        x0 = to_model(images, device)
+        t = torch.randint(0, len(alphas_cumprod), (len(x0),), generator=g).to(device)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        drop = torch.full((len(x0),), config["uncond"], device=device)
+        with autocast(dtype, device):
+            loss = p_losses(model, x0, cond.to(device), alphas_cumprod, 0, config["loss"], t, noise,
+                            drop)
+        total += loss.item() * len(x0)
+    return total / len(data)
 
 
 # ----------------------------------------------------------------------------- sampling
 
-def cfg_denoiser(model, c, w, drop=None):
-    """eps(x, t) with classifier-free guidance, eps = eps_u + w * (eps_c - eps_u) (SPEC: w=0 unconditional, w=1
-    conditional), both halves in one doubled batch; rows with drop (null tokens) stay unconditional."""
-    drop = torch.zeros(len(c), dtype=torch.bool, device=c.device) if drop is None else drop
-    ones = torch.ones_like(drop)
-    if w in (0, 1):
-        return lambda x, t: model(x, t, c, ones if w == 0 else drop).float()
+def cfg_denoiser(model, cond, drop, w):
+    """The prediction with classifier-free guidance, pred = pred_u + w * (pred_c - pred_u) (SPEC:
+    w=0 unconditional, w=1 conditional), both halves in one doubled batch; rows with drop stay
+    unconditional."""
+    if w in (0, 1) or drop.all():  # one half is enough
+        d = torch.ones_like(drop) if w == 0 else drop
+        return lambda x, t: model(x, t, cond, d).float()
+
+    def pred_fn(x, t):
+        pred_c, pred_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, cond]),
+                               torch.cat([drop, torch.ones_like(drop)])).float().chunk(2)
+        return pred_u + w * (pred_c - pred_u)
+    return pred_fn
+
+
+def denoiser(model, cond, drop, w, alphas_cumprod):
+    """eps(x, t) for the samplers: the guided prediction as eps, the clean image it implies clipped
+    to [-1, 1] and eps recomputed. Near t = T, x0 = (x - sqrt(1-abar) eps) / sqrt(abar) multiplies
+    any error of eps by 1/sqrt(abar) (2e4 with the cosine schedule)."""
+    pred_fn = cfg_denoiser(model, cond, drop, w)
 
     def eps_fn(x, t):
-        eps_c, eps_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, c]),
-                             torch.cat([drop, ones])).float().chunk(2)
-        return eps_u + w * (eps_c - eps_u)
+        abar = alphas_cumprod[t].view(-1, 1, 1, 1)
+        eps = eps_from_pred(pred_fn(x, t), x, abar)
+        x0 = ((x - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1, 1)
+        return (x - abar.sqrt() * x0) / (1 - abar).sqrt()
     return eps_fn
 
-def sample_timesteps(T, steps):
-    return torch.linspace(T - 1, 0, steps).round().long().tolist()
 
-def ddim_sample(eps_fn, x, alphas_cumprod, steps, eta, generator=None, path=None, clip=False):
-    """DDIM (Song et al.) from x_T on `steps` timesteps; with eta=1 on all T steps exactly DDPM's ancestral
-    sampler (posterior variance beta_tilde). Given alphas_cumprod[:t+1] it starts at t. clip: x0 in [-1, 1]
-    (images), eps recomputed from it; near t = T, x0 = (x - sqrt(1-abar) eps) / sqrt(abar) multiplies any error
-    of eps by up to 2e4 (cosine: abar(T-1) ~ 2e-9), which would otherwise reach the image."""
-    ts = sample_timesteps(len(alphas_cumprod), steps)
-    for i, t in enumerate(tqdm(ts, desc="sampling", leave=False, disable=len(ts) < 50)):
+def ddim_timesteps(t_start, steps):
+    """`steps` timesteps evenly from t_start down to 0."""
+    return torch.linspace(t_start, 0, steps).round().long().tolist()
+
+
+def dpmpp_timesteps(alphas_cumprod, t_start, steps):
+    """`steps` timesteps evenly in lambda = log(alpha / sigma), from t_start or from lambda = -5
+    (where x_t is pure noise already; the cosine schedule reaches -10: wasted steps) down to 0."""
+    lam = 0.5 * torch.log(alphas_cumprod / (1 - alphas_cumprod)).cpu()
+    grid = torch.linspace(max(lam[t_start].item(), -5.0), lam[0].item(), steps)
+    return sorted({int((lam - g).abs().argmin()) for g in grid}, reverse=True)
+
+
+def ddim_sample(eps_fn, x, alphas_cumprod, timesteps, eta=0.0, generator=None, callback=None):
+    """DDIM (Song et al.) from x at timesteps[0] down the timesteps to the clean image; eta=1 on
+    every timestep is DDPM's ancestral sampler (variance beta_tilde). callback(x, t) returns each
+    step's result: recorded, or changed (steering)."""
+    for i, t in enumerate(tqdm(timesteps, "sampling", leave=False, disable=len(timesteps) < 50)):
         abar = alphas_cumprod[t]
-        abar_prev = alphas_cumprod[ts[i + 1]] if i + 1 < len(ts) else torch.ones_like(abar)
+        abar_prev = alphas_cumprod[timesteps[i + 1]] if i + 1 < len(timesteps) else abar ** 0
         eps = eps_fn(x, torch.full((x.shape[0],), t, device=x.device))
         x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
-        if clip:
-            x0 = x0.clamp(-1, 1)
-            eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
         # sigma^2 = eta^2 * (1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)
         sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
         x = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
         if sigma > 0:
             x = x + sigma * torch.randn(x.shape, generator=generator).to(x.device)
-        if path is not None:
-            path.append(x.cpu())
+        if callback is not None:
+            x = callback(x, t)
     return x
 
-def dpmpp_sample(eps_fn, x, alphas_cumprod, steps, path=None, clip=False):
-    """DPM-Solver++(2M) (Lu et al. 2022) in data prediction, lambda = log(alpha / sigma), last step first order;
-    timesteps uniform in lambda from -5 (below it x_t is pure noise; cosine reaches -10) to lambda at t=0."""
+
+def dpmpp_sample(eps_fn, x, alphas_cumprod, timesteps, callback=None):
+    """DPM-Solver++(2M) (Lu et al. 2022), data prediction, lambda = log(alpha / sigma), from x at
+    timesteps[0] down the timesteps; the last step, to the clean image, is first order."""
     alpha, sigma = alphas_cumprod.sqrt(), (1 - alphas_cumprod).sqrt()
     lam = torch.log(alpha / sigma)
-    grid = torch.linspace(max(lam[-1].item(), -5.0), lam[0].item(), steps, device=lam.device)
-    ts = sorted({int((lam - g).abs().argmin()) for g in grid}, reverse=True)
     x0_prev, h_prev = None, None
-    for i, t in enumerate(tqdm(ts, desc="sampling", leave=False, disable=len(ts) < 50)):
+    for i, t in enumerate(tqdm(timesteps, "sampling", leave=False, disable=len(timesteps) < 50)):
         x0 = (x - sigma[t] * eps_fn(x, torch.full((x.shape[0],), t, device=x.device))) / alpha[t]
-        x0 = x0.clamp(-1, 1) if clip else x0
-        if i + 1 == len(ts):
+        if i + 1 == len(timesteps):
             x = x0
         else:
-            s = ts[i + 1]
+            s = timesteps[i + 1]
             h = lam[s] - lam[t]
-            d = x0 if x0_prev is None else x0 + (x0 - x0_prev) * h / (2 * h_prev)  # (1 + 1/2r) x0 - x0_prev/2r
+            d = x0 if x0_prev is None else x0 + (x0 - x0_prev) * h / (2 * h_prev)  # 2nd order
             x = sigma[s] / sigma[t] * x - alpha[s] * torch.expm1(-h) * d
             x0_prev, h_prev = x0, h
-        if path is not None:
-            path.append(x.cpu())
+        if callback is not None:
+            x = callback(x, t)
     return x
 
-@torch.no_grad()
-def generate(model, alphas_cumprod, conds, args, seed=0, path=None, drop=None):
-    """Images in [-1, 1] for condition vectors `conds` [N, n] from fixed seeds, x0 clipped: ddpm is DDIM with
-    eta=1 on all T steps; ddim K steps with --eta; dpmpp K steps."""
-    device, g = alphas_cumprod.device, torch.Generator().manual_seed(seed)
-    x = torch.randn((len(conds), *model.shape), generator=g).to(device)
-    eps_fn = cfg_denoiser(model, conds.to(device), args.cfg, None if drop is None else drop.to(device))
-    T, K = len(alphas_cumprod), min(args.sample_steps, len(alphas_cumprod))
-    if args.sampler == "dpmpp":
-        x = dpmpp_sample(eps_fn, x, alphas_cumprod, K, path, clip=True)
-    elif args.sampler == "ddpm":
-        x = ddim_sample(eps_fn, x, alphas_cumprod, T, 1.0, g, path, clip=True)
-    else:
-        x = ddim_sample(eps_fn, x, alphas_cumprod, K, args.eta, g, path, clip=True)
-    return x.clamp(-1, 1)
 
-def preview(model, alphas_cumprod, cfg, conds, args):
-    """(grid, row length). Attributes: row 0 from `conds` (the first 8), row k the same seeds with the k-th --toggle
-    attribute flipped (c -> 1 - c). Classes: one row per class, plus an unconditional one if trained with nulls."""
-    names = cfg["classes"]
-    if cfg["kind"] == "classes":
-        text = ",".join(map(str, range(len(names)))) + (",uncond" if cfg["p_uncond"] > 0 else "")
-        conds, drop = label_conds(text, len(names), 10)
-        return generate(model, alphas_cumprod, conds, args, args.seed, drop=drop), 10
-    conds = conds[:8]
-    rows = [conds] + [torch.where(torch.arange(len(names)) == attr_index(s, names, "--toggle"), 1 - conds, conds)
-                      for s in args.toggle.split(",") if s]
-    return torch.cat([generate(model, alphas_cumprod, r, args, args.seed) for r in rows]), len(conds)
+@torch.no_grad()  # not inference_mode: a steering callback may take gradients
+def generate(model, cond, drop, alphas_cumprod, shape, seed=0, sampler="ddim", steps=50, eta=0.0,
+             w=1.0, x=None, t_start=None, columns=None, callback=None):
+    """Images in [-1, 1] for the rows of cond (rows with drop: unconditional) from fixed seeds: from
+    pure noise (with `columns`, a grid of that width whose rows start from the same noise, so that
+    they differ by their condition only), or from x at t_start (a reconstruction: its share of the
+    steps). ddpm walks every timestep (DDIM, eta=1); ddim and dpmpp take `steps`."""
+    T, g = len(alphas_cumprod), torch.Generator().manual_seed(seed)
+    if x is None:
+        x, t_start = torch.randn((columns or len(cond), *shape), generator=g), T - 1
+        x = x.repeat(len(cond) // len(x), 1, 1, 1)
+    x = x.to(alphas_cumprod.device).contiguous(memory_format=torch.channels_last)
+    K = max(1, round(min(steps, T) * (t_start + 1) / T))
+    eps_fn = denoiser(model, cond.to(x.device), drop.to(x.device), w, alphas_cumprod)
+    if sampler == "dpmpp":
+        ts = dpmpp_timesteps(alphas_cumprod, t_start, K)
+        return dpmpp_sample(eps_fn, x, alphas_cumprod, ts, callback).clamp(-1, 1)
+    if sampler == "ddpm":
+        K, eta = t_start + 1, 1.0
+    ts = ddim_timesteps(t_start, K)
+    return ddim_sample(eps_fn, x, alphas_cumprod, ts, eta, g, callback).clamp(-1, 1)
 
-@torch.no_grad()
-def reconstruct_grid(model, alphas_cumprod, x0, conds, args, fracs=(0.5, 0.75, 1.0)):
-    """Row 0: real images; then DDIM from x_t = q_sample(x0, t), t = frac * (T-1), conditioned on their own
-    attributes: how much of each image the model knows (t = T-1 starts from pure noise)."""
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(args.seed)).to(x0.device)
-    rows, eps_fn = [x0], cfg_denoiser(model, conds, args.cfg)
-    for t in [round(f * (len(alphas_cumprod) - 1)) for f in fracs]:
-        xt = q_sample(x0, torch.full((len(x0),), t, device=x0.device), noise, alphas_cumprod)
-        rows.append(ddim_sample(eps_fn, xt, alphas_cumprod[:t + 1], args.sample_steps, 0.0, clip=True).clamp(-1, 1))
-    return torch.cat(rows)
+
+def sampling(config):
+    """The sampler settings of a run's or the command line's config, as generate's keywords."""
+    return dict(sampler=config["sampler"], steps=config["sample_steps"], eta=config["eta"],
+                w=config["cfg"])
+
+
+def tracer(trace, rows=slice(None)):
+    """A sampler callback keeping every step's x (its `rows`) on the CPU: path figures, GIFs."""
+    def keep(x, t):
+        trace.append(x[rows].cpu())
+        return x
+    return keep
+
+
+def label_conds(labels, per_label, meta, uncond):
+    """(labels, drop, row length) for --labels: class names or indices, 'uncond' or the index
+    len(classes) (the null class), or 'all' (every class, then uncond); per_label of each, a row
+    each. An unconditional model has only the unconditional row."""
+    classes = meta["classes"]
+    words = [w.strip() for text in labels for w in text.split(",") if w.strip()]
+    if uncond or words == ["all"]:
+        words = ["uncond"] if uncond else classes + ["uncond"]
+    rows = []
+    for w in words:
+        if w in classes:
+            rows.append(classes.index(w))
+        elif w == "uncond" or (w.isdigit() and int(w) <= len(classes)):
+            rows.append(len(classes) if w == "uncond" else int(w))
+        else:
+            die(f"--labels: unknown class {w!r} (use {', '.join(classes)}, 0-{len(classes)}, "
+                f"uncond or all)")
+    y = torch.tensor(rows).repeat_interleave(per_label)
+    return y.clamp(max=len(classes) - 1), y == len(classes), per_label
+
 
 def save_grid(x, path, nrow):
+    """Images in [-1, 1] as one PNG, nrow to a row."""
     torchvision.utils.save_image(x * 0.5 + 0.5, path, nrow=nrow, padding=1, pad_value=1.0)
 
-def save_gif(path, out, nrow):
-    """One frame per sampler step (at most 50), the whole grid in each."""
-    frames = torch.linspace(0, len(path) - 1, min(len(path), 50)).round().long().tolist()
-    grids = [torchvision.utils.make_grid(path[f].clamp(-1, 1) * 0.5 + 0.5, nrow=nrow, padding=1) for f in frames]
-    imgs = [Image.fromarray(g.mul(255).round().byte().permute(1, 2, 0).numpy()) for g in grids]
-    imgs[0].save(out, save_all=True, append_images=imgs[1:], duration=80, loop=0)
+
+def path_figure(trace, path):
+    """Denoising paths: a row per traced sample, 10 columns from noise to image."""
+    cols = torch.linspace(0, len(trace) - 1, min(len(trace), 10)).round().long().tolist()
+    save_grid(torch.stack([trace[c] for c in cols], 1).flatten(0, 1).clamp(-1, 1), path, len(cols))
 
 
-# ----------------------------------------------------------------------------- EMA, checkpoints, FID
+def save_gif(trace, path, nrow):
+    """denoise.gif: one frame per sampler step (at most 50), the whole grid in each."""
+    frames = torch.linspace(0, len(trace) - 1, min(len(trace), 50)).round().long().tolist()
+    imgs = []
+    for f in frames:
+        grid = torchvision.utils.make_grid(trace[f].clamp(-1, 1) * 0.5 + 0.5, nrow=nrow, padding=1)
+        imgs.append(Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy()))
+    imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=80, loop=0)
+
+
+# ------------------------------------------------------------------- EMA, checkpoints, system
 
 @torch.no_grad()
-def update_ema(ema, model, step, args):
-    """ema-pytorch's warm-up, decay = 1 - (1 + step / inv_gamma) ** -power clamped to [0, --ema], with its
-    defaults inv_gamma = 1, power = 2/3 (0.99 at step 1000, 0.999 at 31k)."""
-    decay = min(max(1 - (1 + step) ** (-2 / 3), 0.0), args.ema)
+def update_ema(ema, model, decay):
+    """ema = decay * ema + (1 - decay) * model; buffers copied."""
     for pe, p in zip(ema.parameters(), model.parameters()):
         pe.lerp_(p, 1 - decay)
     for be, b in zip(ema.buffers(), model.buffers()):
         be.copy_(b)
 
+
 def save_checkpoint(path, state):
-    """Write to a temporary file in the same folder, then rename: a crash never leaves a broken file."""
-    torch.save(state, f"{path}.tmp")
+    """A temporary file in the same folder, then renamed over `path`: a crash or a full disk never
+    leaves a broken file, and the previous one stays until the new one is whole."""
+    try:
+        torch.save(state, f"{path}.tmp")
+    except (OSError, RuntimeError) as e:  # a full disk: RuntimeError "... unexpected pos ..."
+        if os.path.exists(f"{path}.tmp"):
+            os.remove(f"{path}.tmp")
+        reason = str(e).splitlines()[0] if isinstance(e, OSError) else "no space left on the device"
+        sys.exit(f"error: {reason} while writing {path}; the previous one is kept")
     os.replace(f"{path}.tmp", path)
 
+
 def load_checkpoint(path, device):
+    """A checkpoint of this script, read as tensors and plain values only (it cannot run code)."""
     if not os.path.isfile(path):
         die(f"no checkpoint at {path} (train first, or pass --ckpt)")
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        ck = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         die(f"{path} is not a readable checkpoint ({type(e).__name__})")
+    if not isinstance(ck, dict) or ck.get("script") != NAME:
+        die(f"{path} is not a checkpoint of {NAME}.py")
+    return ck
 
-def build_model(cfg):
-    return UNet(cfg["width"], cfg["depth"], len(cfg["classes"]), cfg["channels"], cfg["size"], cfg["dropout"])
 
 def load_weights(module, state, path):
     try:
         module.load_state_dict(state)
     except RuntimeError:
-        die(f"checkpoint {path} does not match this model (check --width, --depth, --size, --dataset)")
+        die(f"{path} does not match this model (check --width, --depth and the data)")
 
-def run_fid(args, model, alphas_cumprod, cfg, rank, world):
-    """FID of --fid samples conditioned on the attributes (classes) of as many training images, against those
-    images (cycled when fewer); each rank makes its share."""
+
+def setup(name):
+    """The device (the best present unless named) and DistributedDataParallel: torchrun sets RANK,
+    LOCAL_RANK and WORLD_SIZE; NCCL on CUDA, gloo otherwise."""
+    present = dict(cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available(), cpu=True)
+    name = name or next(k for k, ok in present.items() if ok)
+    if not present[name]:
+        die(f"--device {name}: not present on this machine")
+    ddp, rank, world = "RANK" in os.environ, 0, 1
+    if ddp:
+        dist.init_process_group("nccl" if name == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    if name == "cuda":
+        name = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+        torch.cuda.set_device(name)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return torch.device(name), ddp, rank, world
+
+
+def amp_dtype(name, device):
+    """--dtype as autocast's dtype (None: fp32). auto: bf16 where the GPU computes in bf16 (compute
+    capability 8.0 on), fp16 with loss scaling on older GPUs (T4, V100, P100), else fp32."""
+    if name == "auto" and device.type == "cuda":
+        name = "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name)
+
+
+def autocast(dtype, device):
+    return torch.autocast(device.type, dtype) if dtype else nullcontext()
+
+
+def rng_states(device):
+    """This process's random streams: the CPU's and the GPU's (dropout draws there)."""
+    states = dict(cpu=torch.get_rng_state())
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def lock(out_dir):
+    """Claim --out-dir for this run: a second run on it stops with one line; the lock of a process
+    that died on this machine (kill -9, a power cut) is taken over."""
+    path = os.path.join(out_dir, "lock")
     try:
-        import fid  # only here, so this file runs without fid.py
-    except ImportError:
-        die("--fid needs fid.py from this collection next to the script")
-    data, _, _ = get_data(argparse.Namespace(**cfg))
-    idx = [j % len(data) for j in range(rank, args.fid, world)]
-    parts = [idx[i:i + 250] for i in range(0, len(idx), 250)]
-    real = (torch.stack([data[i][0] for i in part]).float() / 255 for part in parts)
-    fake = ((generate(model, alphas_cumprod, data.conds[part], args, args.seed + k + 1) + 1) / 2
-            for k, part in enumerate(parts))
-    res = fid.evaluate(fake, real, len(idx), weights=args.fid_weights, device=alphas_cumprod.device)
-    if rank == 0:
-        res.update(sampler=args.sampler, sample_steps=args.sample_steps, cfg=args.cfg, real="training images")
-        json.dump(res, open(os.path.join(args.out_dir, "fid.json"), "w"), indent=2)
-        print(f"FID {res['fid']:.2f} from {args.fid} samples -> {args.out_dir}/fid.json")
+        os.makedirs(out_dir, exist_ok=True)
+        if os.path.exists(path):
+            host, pid = (open(path).read().split() + ["?", "0"])[:2]
+            if host != socket.gethostname() or pid_alive(int(pid)):
+                die(f"--out-dir {out_dir}: in use by process {pid} on {host} (if no run is "
+                    f"using it, delete {path})")
+        with open(path, "w") as f:
+            f.write(f"{socket.gethostname()} {os.getpid()}\n")
+    except OSError as e:
+        die(f"--out-dir {out_dir}: cannot write there ({e.strerror})")
+    return path
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0 only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, another user's
+        pass
+    return True
 
 
 # ----------------------------------------------------------------------------- training
 
-def setup(args):
-    """Device and DistributedDataParallel: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE."""
-    ddp, rank, world = "RANK" in os.environ, 0, 1
-    name = args.device or ("cuda" if torch.cuda.is_available() else
-                           "mps" if torch.backends.mps.is_available() else "cpu")
-    if ddp:
-        dist.init_process_group("nccl" if name == "cuda" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        name = f"cuda:{os.environ['LOCAL_RANK']}" if name == "cuda" else name
-        if name.startswith("cuda"):
-            torch.cuda.set_device(name)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return torch.device(name), ddp, rank, world
+def new_run(config, meta, device, dtype):
+    """What training and sampling both need: model, EMA copy, noise schedule, image shape."""
+    model = build_model(config, meta).to(device).to(memory_format=torch.channels_last)
+    return SimpleNamespace(config=config, meta=meta, model=model, device=device, dtype=dtype,
+                           ema=copy.deepcopy(model).eval().requires_grad_(False), step=0,
+                           alphas_cumprod=make_alphas_cumprod(config["schedule"], config["steps"],
+                                                              device),
+                           shape=(meta["channels"], meta["size"], meta["size"]), writer=None)
 
-def autocast(args, device):
-    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, torch.bfloat16) if bf16 else nullcontext()
+
+def build_run(args, device, rank, world):
+    """A run from the command line: data (training and held out), model, EMA, optimizer, loss
+    scaler, and with --resume the checkpoint's state. Nothing is written: a failed start changes
+    nothing."""
+    torch.manual_seed(args.seed + rank)  # each rank its own noise, timesteps, drops and flips
+    data, meta = get_data(vars(args))
+    run = new_run(vars(args), meta, device, amp_dtype(args.dtype, device))
+    run.train_set, run.val_set = split_data(data, args.limit, args.val_size)
+    run.opt = torch.optim.AdamW(run.model.parameters(), lr=args.lr, fused=device.type == "cuda",
+                                weight_decay=args.weight_decay)
+    run.scaler = torch.amp.GradScaler(device.type, enabled=run.dtype == torch.float16)
+    run.per_epoch = len(run.train_set) // (args.batch_size * args.accum * world)
+    run.total = args.epochs * max(run.per_epoch, 1) if args.epochs else args.iters
+    run.ckpt, run.best_val, run.state = os.path.join(args.out_dir, "ckpt.pt"), math.inf, {}
+    if args.resume:  # weights, EMA, optimizer, scaler, step, the extras' state, random streams
+        ck = load_checkpoint(run.ckpt, device)
+        load_weights(run.model, ck["model"], run.ckpt)
+        load_weights(run.ema, ck["ema"], run.ckpt)
+        run.opt.load_state_dict(ck["opt"])
+        run.scaler.load_state_dict(ck["scaler"])
+        rng = ck["rng"][rank if len(ck["rng"]) == world else 0]
+        torch.set_rng_state(rng["cpu"].cpu())
+        if "cuda" in rng and device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
+        run.step, run.best_val, run.state = ck["step"], ck["best_val"], ck["extras"]
+    if run.step >= run.total:
+        die(f"--resume: {run.ckpt} is at step {run.step} already (raise --iters or --epochs)")
+    return run
+
+
+def start_run(args, run, world):
+    """Rank 0, once the run can start: the lock, config.json, log.jsonl cut back to the resumed step
+    (after a crash the steps since the last checkpoint are trained again), TensorBoard."""
+    lock_path = lock(args.out_dir)
+    with open(os.path.join(args.out_dir, "config.json"), "w") as f:
+        json.dump(run.config, f, indent=2)
+    log = os.path.join(args.out_dir, "log.jsonl")
+    if os.path.exists(log):
+        with open(log) as f:
+            lines = [line for line in f if line.endswith("\n")]  # a kill -9 may cut the last one
+        with open(log, "w") as f:
+            f.writelines(line for line in lines if json.loads(line)["step"] <= run.step)
+    if args.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            die("--tensorboard needs the tensorboard package: pip install tensorboard")
+        run.writer = SummaryWriter(os.path.join(args.out_dir, "tb"))
+    print(f"{sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M parameters, "
+          f"{len(run.train_set)} images + {len(run.val_set)} held out, global batch "
+          f"{args.batch_size * args.accum * world}, {run.per_epoch} steps per epoch, "
+          f"{run.device}, autocast {run.dtype}")
+    return lock_path
+
+
+def get_lr(step, lr, warmup, total, decay):
+    """Linear warm-up over `warmup` steps, then constant or (decay "cosine") down to 0 at total."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if decay == "cosine":
+        return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return lr
+
+
+def train_step(model, wrapped, run, micro, ddp):
+    """One optimizer step on the micro-batches (gradient accumulation; DDP all-reduces on the last
+    only); returns the mean loss. Under fp16 the loss is scaled, and the scaler skips a step whose
+    gradients are not finite."""
+    c = run.config
+    run.opt.zero_grad(set_to_none=True)
+    total = 0.0
+    for i, (images, cond) in enumerate(micro):
+        x0 = to_model(images, run.device)
+        if run.meta["hflip"]:  # random horizontal flips, drawn from the CPU generator
+            flip = (torch.rand(len(x0)) < 0.5).to(run.device)
+            x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(3), x0)
+        with wrapped.no_sync() if ddp and i + 1 < len(micro) else nullcontext():
+            with autocast(run.dtype, run.device):
+                loss = p_losses(model, x0, cond.to(run.device), run.alphas_cumprod,
+                                1.0 if c["uncond"] else c["p_uncond"], c["loss"]) / len(micro)
+            run.scaler.scale(loss).backward()
+        total = total + loss.detach()
+    run.scaler.unscale_(run.opt)
+    if c["grad_clip"]:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), c["grad_clip"])
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    return total
+
+
+def log_record(losses, step, lr, seconds, run, ddp, world):
+    """The log line: mean loss of the steps since the last line over all ranks, lr, images/s. Under
+    fp16 a non-finite loss is a step the scaler skipped (counted); otherwise it stops the run."""
+    losses = torch.stack(losses)
+    ok = losses.isfinite()
+    sums = torch.stack([torch.where(ok, losses, 0).sum(), ok.sum(), (~ok).sum()]).float()
+    if ddp:
+        dist.all_reduce(sums)
+    if sums[2] and run.dtype != torch.float16:
+        sys.exit(f"error: the loss is not finite at step {step}; stopped, {run.ckpt} is kept")
+    n = len(losses) * run.config["batch_size"] * run.config["accum"] * world
+    rec = dict(step=step, loss=(sums[0] / sums[1].clamp(min=1)).item(), lr=lr,
+               img_per_s=n / seconds, elapsed=time.time() - run.t0)
+    if run.dtype == torch.float16:
+        rec["skipped"] = int(sums[2])
+    return rec
+
+
+def write_log(rec, run):
+    with open(os.path.join(run.config["out_dir"], "log.jsonl"), "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    for k, v in rec.items():
+        if run.writer and k not in ("step", "elapsed"):
+            run.writer.add_scalar(k, v, rec["step"])
+
+
+def save_run(run, step, periodic, ddp, world, master):
+    """ckpt.pt, best.pt when the EMA model's validation loss is the lowest yet, ckpt_<step>.pt when
+    periodic (the newest --keep). Every rank's random streams are gathered (a collective); weights
+    that are not finite are never written: the run stops and the previous files stay."""
+    rng = [rng_states(run.device)] * world
+    if ddp:
+        dist.all_gather_object(rng, rng[0])
+    if not all(p.isfinite().all() for m in (run.model, run.ema) for p in m.parameters()):
+        sys.exit(f"error: the weights are not finite at step {step}; stopped, {run.ckpt} is kept")
+    if not master:
+        return
+    out, keep, improved = run.config["out_dir"], run.config["keep"], False
+    if len(run.val_set):
+        val = eval_loss(run.ema, run.val_set, run.alphas_cumprod, run.config, run.dtype)
+        improved, run.best_val = val < run.best_val, min(val, run.best_val)
+        write_log(dict(step=step, val_loss=val), run)
+    state = dict(script=NAME, model=run.model.state_dict(), ema=run.ema.state_dict(),
+                 opt=run.opt.state_dict(), scaler=run.scaler.state_dict(), step=step, rng=rng,
+                 config=run.config, meta=run.meta, best_val=run.best_val, extras=run.state)
+    for name in ["ckpt.pt"] + ["best.pt"] * improved + [f"ckpt_{step}.pt"] * periodic:
+        save_checkpoint(os.path.join(out, name), state)
+    periodic = sorted(int(f[5:-3]) for f in os.listdir(out) if f[:5] + f[-3:] == "ckpt_.pt")
+    for s in periodic[:-keep] if keep else []:
+        os.remove(os.path.join(out, f"ckpt_{s}.pt"))
+
+
+def sample_grid(run, step, trace=None):
+    """samples_<step>.png: the EMA model on the rows of conditions(["all"]), --per-label each, from
+    fixed seeds, so that grids of different steps compare; `trace` keeps each row's first path."""
+    cond, drop, nrow = conditions(["all"], run.config["per_label"], run.meta, run.config)
+    callback = None if trace is None else tracer(trace, slice(None, None, nrow))
+    with autocast(run.dtype, run.device):
+        x = generate(run.ema, cond, drop, run.alphas_cumprod, run.shape, run.config["seed"],
+                     **sampling(run.config), columns=nrow, callback=callback)
+    save_grid(x, os.path.join(run.config["out_dir"], f"samples_{step}.png"), nrow)
+    if run.writer:
+        run.writer.add_image("samples", torchvision.utils.make_grid(x * 0.5 + 0.5, nrow=nrow), step)
+    return x
+
+
+def reconstruction(run, path, fracs=(0.25, 0.5, 0.75, 1.0)):
+    """reconstruction.png: up to 8 training images (rows), each noised to t = T/4, T/2, 3T/4, T-1
+    and restored by the EMA model with its own condition (w=1; columns x_t, restored). Returns the
+    mean squared error of the restored images per t."""
+    images, cond = run.train_set[torch.arange(min(8, len(run.train_set)))]
+    x0, T = to_model(images, run.device), len(run.alphas_cumprod)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).to(run.device)
+    drop = torch.full((len(x0),), run.config["uncond"])
+    cols, errors = [x0], {}
+    for t in [round(f * (T - 1)) for f in fracs]:
+        xt = q_sample(x0, torch.full((len(x0),), t, device=run.device), noise, run.alphas_cumprod)
+        with autocast(run.dtype, run.device):
+            x = generate(run.ema, cond, drop, run.alphas_cumprod, run.shape,
+                         **dict(sampling(run.config), w=1.0), x=xt, t_start=t)
+        cols += [xt.clamp(-1, 1), x]
+        errors[t] = round(F.mse_loss(x.float(), x0).item(), 4)
+    save_grid(torch.stack(cols, 1).flatten(0, 1), path, len(cols))
+    return errors
+
 
 def train(args, device, ddp, rank, world):
-    master, cfg, out = rank == 0, vars(args), lambda name: os.path.join(args.out_dir, name)
-    torch.manual_seed(args.seed + rank)
-    data, args.classes, args.kind = get_data(args)
-    args.channels, args.freq = data[0][0].shape[0], data.conds.mean(0).tolist()
-    alphas_cumprod = alphas_cumprod_of(cfg, device)
-    raw = build_model(cfg).to(device).to(memory_format=torch.channels_last)
-    ema = copy.deepcopy(raw).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, weight_decay=0.0, fused=device.type == "cuda")
-    step = 0
-    if args.resume:  # weights, EMA, optimizer, step and this rank's RNG state
-        ck = load_checkpoint(out("ckpt.pt"), device)
-        load_weights(raw, ck["model"], out("ckpt.pt"))
-        load_weights(ema, ck["ema"], out("ckpt.pt"))
-        opt.load_state_dict(ck["opt"])
-        step, rng = ck["step"], ck["rng"]
-        torch.set_rng_state(rng[rank].cpu() if len(rng) == world else rng[0].cpu())
-    model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw
-    model = torch.compile(model) if args.compile else model
-    if master:
-        os.makedirs(args.out_dir, exist_ok=True)
-        json.dump(cfg, open(out("config.json"), "w"), indent=2)
-        print(f"{sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, {len(data)} images, "
-              f"global batch {args.batch_size * world}, device {device}")
-    writer, log = (tensorboard_writer(args), open(out("log.jsonl"), "a")) if master else (None, None)
-    stream = loader(data, args, device, rank, world, step)
-    loss_sum, n_loss, t0, t_log = torch.zeros((), device=device), 0, time.time(), time.time()
-    pbar = tqdm(range(step, args.iters), initial=step, total=args.iters, disable=not master)
-    for step in pbar:
-        x0, c = next(stream)
-        x0 = (x0.to(device, non_blocking=True).float() / 127.5 - 1).contiguous(memory_format=torch.channels_last)
-        lr = args.lr * min(1.0, (step + 1) / args.warmup)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        with autocast(args, device):
-            loss = p_losses(model, x0, c.to(device, non_blocking=True), alphas_cumprod, args.p_uncond)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
-        opt.step()
-        update_ema(ema, raw, step, args)
-        loss_sum, n_loss, done = loss_sum + loss.detach(), n_loss + 1, step + 1
-        save = done % args.ckpt_every == 0 or done == args.iters
-        if done % args.log_every == 0 or save:
-            if ddp:
-                dist.all_reduce(loss_sum)
-            mean_loss = loss_sum.item() / n_loss / world
-            if not math.isfinite(mean_loss):  # stop before anything is saved; ckpt.pt stays the last good one
-                sys.exit(f"loss is {mean_loss} at step {done}; stopped, {out('ckpt.pt')} left as it was")
-            ips = n_loss * args.batch_size * world / (time.time() - t_log)
-            rec = dict(step=done, loss=mean_loss, lr=lr, img_per_s=ips, elapsed=time.time() - t0)
-            loss_sum, n_loss, t_log = torch.zeros((), device=device), 0, time.time()
-            if master:
-                pbar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.0f}")
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                for k in ("loss", "lr", "img_per_s") if writer else ():
-                    writer.add_scalar(k, rec[k], done)
-        if save:
-            rng = [torch.get_rng_state()] * world  # every rank's, so a resumed run continues each rank's stream
-            if ddp:
-                dist.all_gather_object(rng, rng[0])
-            state = dict(model=raw.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=done,
-                         config=cfg, rng=rng)
-            if master:
-                save_checkpoint(out("ckpt.pt"), state)
-            if master and args.save_every and done % args.save_every == 0:
-                save_checkpoint(out(f"ckpt_{done}.pt"), state)
-                periodic = [f for f in os.listdir(args.out_dir) if f.startswith("ckpt_") and f.endswith(".pt")]
-                if args.keep:  # only the newest --keep periodic checkpoints stay
-                    for f in sorted(periodic, key=lambda f: int(f[5:-3]))[:-args.keep]:
-                        os.remove(out(f))
-        if master and (done % args.sample_every == 0 or done == args.iters):
-            with autocast(args, device):
-                grid, nrow = preview(ema, alphas_cumprod, cfg, data.conds, args)
-            save_grid(grid, out(f"samples_{done}.png"), nrow)
-            if writer:
-                writer.add_image("samples", torchvision.utils.make_grid(grid * 0.5 + 0.5, nrow=nrow), done)
-    if master:
-        x0 = torch.stack([data[i][0] for i in range(min(8, len(data)))]).float().to(device) / 127.5 - 1
-        with autocast(args, device):
-            save_grid(reconstruct_grid(ema, alphas_cumprod, x0, data.conds[:len(x0)].to(device), args),
-                      out("reconstruct.png"), len(x0))
-        print(f"done: {args.iters} steps in {time.time() - t0:.0f}s -> {args.out_dir}")
-    return ema, alphas_cumprod, cfg
-
-def tensorboard_writer(args):
-    if not args.tensorboard:
-        return None
+    """Train with the command line's settings, saving as it goes; returns the run (for --fid)."""
+    run, master = build_run(args, device, rank, world), rank == 0
+    wrapped = run.model
+    if ddp:
+        wrapped = DDP(run.model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = torch.compile(wrapped) if args.compile else wrapped
+    lock_path = start_run(args, run, world) if master else None
     try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        die("--tensorboard needs the tensorboard package: pip install tensorboard")
-    return SummaryWriter(os.path.join(args.out_dir, "tb"))
+        stream = loader(run.train_set, args.batch_size, args.seed, rank, world,
+                        run.step * args.accum, args.workers, device)
+        losses, run.t0, t_log = [], time.time(), time.time()
+        if master and "train" in EXTRAS:  # the source project's figures (last section)
+            EXTRAS["train"](run, run.step)
+        pbar = tqdm(range(run.step, run.total), initial=run.step, total=run.total,
+                    disable=not master)
+        for step in pbar:
+            # learning rate: linear warm-up, then constant or cosine decay (--lr-decay)
+            lr = get_lr(step, args.lr, args.warmup, run.total, args.lr_decay)
+            for group in run.opt.param_groups:
+                group["lr"] = lr
+
+            # forward, backward and update on --accum micro-batches, then the EMA (warmed up)
+            micro = [next(stream) for _ in range(args.accum)]
+            losses.append(train_step(model, wrapped, run, micro, ddp))
+            update_ema(run.ema, run.model, min(args.ema, (1 + step) / (10 + step)))
+            done = step + 1
+            last, periodic = done == run.total, args.save_every and done % args.save_every == 0
+            save = last or periodic or done % args.ckpt_every == 0
+
+            # logging, also before every save: a non-finite loss stops the run before it
+            if done % args.log_every == 0 or save:
+                rec = log_record(losses, done, lr, time.time() - t_log, run, ddp, world)
+                losses, t_log = [], time.time()
+                if master:
+                    write_log(rec, run)
+                    pbar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.1f}")
+
+            # checkpoint: ckpt.pt (atomically), best.pt, ckpt_<step>.pt every --save-every steps
+            if save:
+                run.step = done
+                save_run(run, done, periodic, ddp, world, master)
+
+            # sample grid of the EMA model (the last one's denoising paths), the extras' figures
+            if master and (done % args.sample_every == 0 or last):
+                trace = [] if last else None
+                sample_grid(run, done, trace)
+                if last:
+                    path_figure(trace, os.path.join(args.out_dir, "reverse.png"))
+                t_log = time.time()  # images/s counts training only
+            if master and "train" in EXTRAS:
+                EXTRAS["train"](run, done)
+        if master:
+            errors = reconstruction(run, os.path.join(args.out_dir, "reconstruction.png"))
+            print(f"done: step {run.total} in {time.time() - run.t0:.0f}s, loss {rec['loss']:.4f}, "
+                  f"reconstruction MSE by t {errors} -> {args.out_dir}")
+    finally:
+        if lock_path:
+            os.remove(lock_path)
+    return run
 
 
-# ----------------------------------------------------------------------------- sampling entry point
+# ----------------------------------------------------------------------------- entry points
 
-def attr_index(name, names, flag):
-    if name not in names:
-        die(f"{flag}: unknown attribute {name!r} (known: {', '.join(names)})")
-    return names.index(name)
-
-def attr_conds(args, cfg):
-    """--n condition rows: unnamed attributes drawn with their data-set frequency (or copied from the
-    --attrs-from image's row), then those in --attrs set: 'Smiling' on, '-Eyeglasses' off."""
-    g = torch.Generator().manual_seed(args.seed)
-    conds = torch.bernoulli(torch.tensor(cfg["freq"]).expand(args.n, -1), generator=g)
-    if args.attrs_from:
-        path = attr_path(args if args.attr_file else argparse.Namespace(**cfg))
-        _, files, attrs = read_attr_file(path)
-        if args.attrs_from not in files:
-            die(f"--attrs-from: {args.attrs_from} is not listed in {path}")
-        conds = attrs[files.index(args.attrs_from)].expand(args.n, -1).clone()
-    for s in filter(None, (s.strip() for s in args.attrs.split(","))):
-        conds[:, attr_index(s.lstrip("+-"), cfg["classes"], "--attrs")] = float(not s.startswith("-"))
-    return conds
-
-def label_conds(text, n_cond, n):
-    """One-hot rows for --labels ('3,uncond', 'all'), n each; 'uncond' rows are dropped to the null tokens."""
-    parts = list(map(str, range(n_cond))) + ["uncond"] if text == "all" else [s.strip() for s in text.split(",")]
-    bad = [s for s in parts if s != "uncond" and not (s.isdigit() and int(s) < n_cond)]
-    if bad:
-        die(f"--labels: unknown class {bad[0]!r} (use 0-{n_cond - 1}, 'uncond' or 'all')")
-    labels = torch.tensor([n_cond if s == "uncond" else int(s) for s in parts]).repeat_interleave(n)
-    return F.one_hot(labels.clamp(max=n_cond - 1), n_cond).float(), labels == n_cond
-
-def sample_main(args, device):
-    """samples.png (and denoise.gif) for --attrs or --labels, and for attributes toggles.png, with the EMA model."""
-    path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
+def load_run(path, device, dtype):
+    """A trained run from its checkpoint: the EMA model, built from the checkpoint's own config and
+    meta, with the run's noise schedule."""
     ck = load_checkpoint(path, device)
-    cfg, model = ck["config"], build_model(ck["config"]).to(device).eval()
-    load_weights(model, ck["ema"], path)
-    alphas_cumprod, attrs, trace = alphas_cumprod_of(cfg, device), cfg["kind"] == "attrs", []
-    conds, drop = (attr_conds(args, cfg), None) if attrs else label_conds(args.labels, len(cfg["classes"]), args.n)
+    run = new_run(ck["config"], ck["meta"], device, dtype)
+    load_weights(run.ema, ck["ema"], path)
+    run.ckpt, run.step = path, ck["step"]
+    return run
+
+
+def sample_main(run, args):
+    """--sample: samples.png (--labels, --per-label of each, with the command line's settings but
+    the run's --uncond), reverse.png (the rows' denoising paths) and with --gif denoise.gif,
+    unless the source project's extras draw instead."""
+    config = dict(vars(args), uncond=run.config["uncond"])
+    cond, drop, nrow = conditions(args.labels, args.per_label, run.meta, config)
+    if "sample" in EXTRAS and EXTRAS["sample"](run, args):
+        return
     os.makedirs(args.out_dir, exist_ok=True)
-    with autocast(args, device):
-        x = generate(model, alphas_cumprod, conds, args, args.seed, trace, drop)
-        save_grid(x, os.path.join(args.out_dir, "samples.png"), args.n)
-        if args.gif:
-            save_gif(trace, os.path.join(args.out_dir, "denoise.gif"), args.n)
-        if attrs:
-            grid, nrow = preview(model, alphas_cumprod, cfg, conds, args)
-            save_grid(grid, os.path.join(args.out_dir, "toggles.png"), nrow)
-    print(f"wrote {len(x)} samples (step {ck['step']}) to {args.out_dir}/samples.png")
-    return model, alphas_cumprod, cfg
+    trace = []
+    with autocast(run.dtype, run.device):
+        x = generate(run.ema, cond, drop, run.alphas_cumprod, run.shape, args.seed,
+                     **sampling(config), columns=nrow, callback=tracer(trace))
+    save_grid(x, os.path.join(args.out_dir, "samples.png"), nrow)
+    path_figure([x[::nrow] for x in trace], os.path.join(args.out_dir, "reverse.png"))
+    if args.gif:
+        save_gif(trace, os.path.join(args.out_dir, "denoise.gif"), nrow)
+    print(f"wrote {len(x)} samples of step {run.step} to {args.out_dir}/samples.png")
+
+
+def fid_reference(config, n):
+    """The real images --fid compares with (get_data's "fid" split), checked before any sampling."""
+    if not n:
+        return None
+    ref, meta = get_data(config, "fid")
+    if n > len(ref):
+        die(f"--fid {n}: the reference set ({meta['fid_ref']}) has only {len(ref)} images")
+    return ref, meta["fid_ref"]
+
+
+def run_fid(run, args, ref, rank, world, batch_size=250):
+    """fid.json: FID and Inception Score of --fid samples against as many reference images, each
+    sample conditioned as its reference image (each rank makes and measures its share, fid.evaluate
+    sums the statistics over the ranks); real_vs_fake.png to look at."""
+    import fid  # only here: the script runs without fid.py
+    data, name = ref
+    mine = torch.arange(rank, args.fid, world).split(batch_size)
+    drop = torch.full((batch_size,), run.config["uncond"])
+
+    def fake():
+        for i in mine:
+            with autocast(run.dtype, run.device):
+                x = generate(run.ema, data[i][1], drop[:len(i)], run.alphas_cumprod, run.shape,
+                             args.seed + 1 + int(i[0]), **sampling(vars(args)))
+            yield ((x.float() + 1) * 127.5).round().byte()  # uint8, as the PNGs papers measure
+    # the TF graph's preprocessing (fid.py's mode "tf"): FID comparable with the papers' numbers
+    cache = f"fid_stats_{name}_{run.shape[-1]}px_{args.fid}_tf.npz"
+    cache = os.path.join(run.config["data_dir"], cache)
+    try:
+        res = fid.evaluate(fake(), (data[i][0] for i in mine), sum(map(len, mine)), mode="tf",
+                           cache=None if name == "image-folder" else cache, inception_score=True,
+                           weights=args.fid_weights, device=run.device)
+    except (ValueError, RuntimeError, OSError) as e:
+        die(f"--fid: {str(e).splitlines()[0]}")
+    if rank == 0:
+        res = dict(fid_score=res["fid"], inception_score_mean=res["inception_score_mean"],
+                   inception_score_std=res["inception_score_std"], num_samples=res["n"],
+                   reference=name, mode=res["mode"], checkpoint=run.ckpt, step=run.step,
+                   **sampling(vars(args)))
+        with open(os.path.join(args.out_dir, "fid.json"), "w") as f:
+            json.dump(res, f, indent=2)
+        images, cond = data[torch.arange(10)]  # a look: ten real images above ten samples
+        with autocast(run.dtype, run.device):
+            x = generate(run.ema, cond, drop[:10], run.alphas_cumprod, run.shape, args.seed,
+                         **sampling(vars(args)))
+        save_grid(torch.cat([to_model(images, run.device), x]),
+                  os.path.join(args.out_dir, "real_vs_fake.png"), 10)
+        print(f"FID {res['fid_score']:.2f}, IS {res['inception_score_mean']:.2f} of {args.fid} "
+              f"samples against {name} -> {args.out_dir}/fid.json")
+
 
 def main(argv=None):
     args = get_args(argv)
-    device, ddp, rank, world = setup(args)
-    if args.sample:
-        model, alphas_cumprod, cfg = sample_main(args, device)
-    else:
-        model, alphas_cumprod, cfg = train(args, device, ddp, rank, world)
-    if args.fid:
-        run_fid(args, model, alphas_cumprod, cfg, rank, world)
-    if ddp:
-        dist.destroy_process_group()
+    device, ddp, rank, world = setup(args.device)
+    try:
+        if args.sample:  # the checkpoint's run; only rank 0 writes samples
+            run = load_run(args.ckpt or os.path.join(args.out_dir, "ckpt.pt"), device,
+                           amp_dtype(args.dtype, device))
+            ref = fid_reference(dict(run.config, data_dir=args.data_dir), args.fid)
+            if rank == 0:
+                sample_main(run, args)
+        else:
+            ref = fid_reference(vars(args), args.fid)
+            run = train(args, device, ddp, rank, world)
+        if args.fid:
+            run_fid(run, args, ref, rank, world)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- seed 003's extras
+
+def toggles_figure(run, args):
+    """--sample, attribute models: toggles.png, the first --labels row, then that row with each
+    --toggle attribute flipped, every row from the same noise (the same faces); then samples.png."""
+    if run.meta["kind"] != "attrs" or run.config["uncond"]:
+        return False
+    config = dict(vars(args), uncond=False)
+    cond, _, nrow = conditions(args.labels, args.per_label, run.meta, config)
+    cond = toggle_rows(cond[:nrow], config["toggle"], run.meta["classes"])
+    with autocast(run.dtype, run.device):
+        x = generate(run.ema, cond, torch.zeros(len(cond), dtype=torch.bool), run.alphas_cumprod,
+                     run.shape, args.seed, **sampling(config), columns=nrow)
+    os.makedirs(args.out_dir, exist_ok=True)
+    save_grid(x, os.path.join(args.out_dir, "toggles.png"), nrow)
+    return False
+
+
+EXTRAS.update(
+    spellings={"--attrs": "--labels", "--timesteps": "--steps", "--guidance_scale": "--cfg"},
+    sample=toggles_figure)
+
 
 if __name__ == "__main__":
     main()

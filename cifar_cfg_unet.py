@@ -1,151 +1,250 @@
-"""Train a CIFAR-10 DDPM U-Net with FiLM class conditioning and classifier-free guidance (or a plain
-DDPM with --uncond), tracking train/validation/test losses every epoch, then sample by class.
+"""Train a class-conditional DDPM U-Net with FiLM conditioning and classifier-free guidance on
+CIFAR-10 (or a plain DDPM with --uncond), with the seed's train/validation/test loss history.
 
-    python cifar_cfg_unet.py                                   # train; CIFAR-10 is downloaded into ./data
-    python cifar_cfg_unet.py --uncond                          # unconditional DDPM
-    python cifar_cfg_unet.py --sample --labels 3,5 --cfg 3     # sample from out/cifar_cfg_unet/ckpt.pt
-    python cifar_cfg_unet.py --sample --cfg-sweep 0,3,7        # one figure: the same seeds at several W
-    python cifar_cfg_unet.py --sample --fid 10000              # FID against the CIFAR-10 test set (fid.py)
-    torchrun --nproc_per_node=4 cifar_cfg_unet.py              # several GPUs, DistributedDataParallel
+    python cifar_cfg_unet.py                               # train; CIFAR-10 is downloaded to ./data
+    python cifar_cfg_unet.py --uncond                      # plain DDPM, no labels
+    python cifar_cfg_unet.py --sample --labels cat,ship    # sample from out/cifar_cfg_unet/ckpt.pt
+    python cifar_cfg_unet.py --sample --cfg-sweep 0,3,7    # the same seeds at several guidances
+    python cifar_cfg_unet.py --sample --fid 50000          # FID against the 50,000 training images
+    torchrun --nproc_per_node=4 cifar_cfg_unet.py          # several GPUs, DistributedDataParallel
 
-Follows seed 001, "CIFAR-10 Diffusion Model (DDPM)" (its flags work too: --conditional --epochs 30 --p_uncond 0.1
---run_name NAME, --inference --model_path ...), with the collection's shared command line (SPEC.md).
+Follows seed 001, "CIFAR-10 Diffusion Model (DDPM)" (its flags work too: --conditional --epochs 30
+--p_uncond 0.1 --run_name NAME, --inference --model_path ... --num_samples 16), with the
+collection's shared command line (SPEC.md).
 """
-import argparse, copy, json, math, os, sys, time
+import argparse
+import copy
+import json
+import math
+import os
+import shutil
+import socket
+import sys
+import time
 from contextlib import nullcontext
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DistributedSampler
 from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
 from tqdm import tqdm
 
-IMAGE_SIZE, CHANNELS, SPLIT_SEED = 32, 3, 42  # SPLIT_SEED fixes the 45,000 / 5,000 train/val split
-HISTORY_KEYS = ("train_loss", "val_loss", "test_loss", "epochs")  # loss_history.json, the seed's shape
+# ----------------------------------------------------------------------------- config
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("data")
-    g.add_argument("--data-dir", default="./data", help="where CIFAR-10 lives or is downloaded to")
-    g.add_argument("--image-folder", default=None, help="your own images, one sub-folder per class")
-    g.add_argument("--limit", type=int, default=0, help="use only the first N training images (0: all)")
-    g.add_argument("--data-on-device", action="store_true", help="keep the uint8 data set on the GPU")
-    g = p.add_argument_group("model")
-    g.add_argument("--width", type=int, default=128, help="base channels of the U-Net (seed: 32)")
-    g.add_argument("--depth", type=int, default=2, help="residual blocks per resolution")
-    g.add_argument("--mults", default="1,2,2,2", help="channel multipliers per resolution (seed: 1,2,4)")
-    g.add_argument("--attn-res", type=int, default=16, help="self-attention at resolutions <= this, pixels")
-    g.add_argument("--dropout", type=float, default=0.1, help="dropout in residual blocks")
-    g.add_argument("--uncond", action="store_true", help="plain DDPM without labels")
-    g.add_argument("--conditional", action="store_true", help="seed flag: conditional is the default here")
-    g = p.add_argument_group("diffusion")
-    g.add_argument("--steps", "--timesteps", type=int, default=1000, help="diffusion timesteps T")
-    g.add_argument("--schedule", choices=["linear", "cosine", "sigmoid"], default="cosine", help="noise schedule")
-    g.add_argument("--loss", choices=["mse", "l1"], default="mse", help="loss on the predicted noise")
-    g.add_argument("--p-uncond", "--p_uncond", type=float, default=0.1, help="probability of dropping the label")
-    g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=200, help="passes over the training split")
-    g.add_argument("--iters", type=int, default=0, help="optimizer steps instead of --epochs (0: use epochs)")
-    g.add_argument("--batch-size", "--batch_size", type=int, default=128, help="images per step per device")
-    g.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate after warm-up")
-    g.add_argument("--warmup", type=int, default=500, help="linear learning-rate warm-up, steps")
-    g.add_argument("--ema", type=float, default=0.9999, help="EMA decay (warmed up as (1+n)/(10+n))")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
-    g.add_argument("--seed", type=int, default=0, help="random seed; runs are repeatable")
-    g.add_argument("--log-every", "--log_interval", type=int, default=100, help="steps between log.jsonl lines")
-    g.add_argument("--sample-every", type=int, default=5000, help="steps between sample grids")
-    g.add_argument("--ckpt-every", type=int, default=1000, help="steps between ckpt.pt saves")
-    g.add_argument("--save-every", type=int, default=0, help="also keep ckpt_<step>.pt every N steps")
-    g.add_argument("--keep", type=int, default=0, help="keep at most K periodic checkpoints (0: all)")
-    g.add_argument("--save_model", action="store_true", help="seed flag: ckpt.pt is always written here")
-    g.add_argument("--run_name", default=None, help="seed layout: checkpoint in models/<run_name>/ckpt.pt")
-    g.add_argument("--resume", action="store_true", help="continue from the run's ckpt.pt")
-    g = p.add_argument_group("sampling")
-    g.add_argument("--sample", "--inference", action="store_true", help="no training: sample from --ckpt")
-    g.add_argument("--ckpt", "--model_path", default=None, help="checkpoint to sample from (default: the run's)")
-    g.add_argument("--labels", "--sample_classes", default="all", help="comma-separated classes, 'uncond', 'all'")
-    g.add_argument("--n", type=int, default=10, help="samples per label with --sample")
-    g.add_argument("--num_samples", type=int, default=0, help="seed's count: N samples, cycling --labels")
-    g.add_argument("--cfg", "--guidance_scale", type=float, default=3.0, help="guidance W (see README)")
-    g.add_argument("--cfg-sweep", default="", help="with --sample: comma-separated W, one row each")
-    g.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], default="ddim", help="reverse process")
-    g.add_argument("--sample-steps", type=int, default=50, help="steps K of ddim/dpmpp (ddpm uses T)")
-    g.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 ancestral")
-    g.add_argument("--gif", action="store_true", help="with --sample, also write denoise.gif")
-    g.add_argument("--fid", type=int, default=0, help="FID from N samples against the test set")
-    g.add_argument("--fid-weights", default="download", help="FID Inception weights: download or a path")
-    g = p.add_argument_group("system")
-    g.add_argument("--out-dir", "--save_dir", default="out/cifar_cfg_unet", help="where everything is written")
-    g.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
-    g.add_argument("--no_cuda", action="store_true", help="seed flag: same as --device cpu")
-    g.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on CUDA, else fp32")
-    g.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
-    g.add_argument("--tensorboard", action="store_true", help="also log to <out-dir>/tb")
-    g.add_argument("--config", default=None, help="a run's config.json to use as defaults")
-    args = p.parse_args(argv)
-    if args.config:  # a saved config becomes the defaults; flags given on the command line still win
-        if not os.path.isfile(args.config):
-            die(f"--config: no such file {args.config}")
-        p.set_defaults(**{k: v for k, v in json.load(open(args.config)).items() if k != "config"})
-        args = p.parse_args(argv)
-    for flag, ok in [("--steps", args.steps > 0), ("--cfg", args.cfg >= 0), ("--epochs", args.epochs > 0),
-                     ("--iters", args.iters >= 0), ("--sample-steps", args.sample_steps > 0), ("--n", args.n > 0),
-                     ("--batch-size", args.batch_size > 0), ("--p-uncond", 0 <= args.p_uncond < 1),
-                     ("--mults", all(s.strip().isdigit() for s in args.mults.split(","))),
-                     ("--conditional", not (args.conditional and args.uncond))]:
-        if not ok:
-            die(f"{flag} is out of range (see --help)")
-    return args
+NAME = "cifar_cfg_unet"  # names the output folder; checkpoints record it
+DEFAULTS = dict(  # this script's values of the flags whose defaults differ between the five scripts
+    width=128, depth=2, dropout=0.1, steps=1000, schedule="cosine", p_uncond=0.1, iters=70000,
+    batch_size=128, lr=2e-4, lr_decay="none", warmup=500, weight_decay=0.0, ema=0.9999,
+    val_size=5000, workers=0, log_every=100, sample_every=5000, ckpt_every=1000, cfg=3.0,
+    per_label=10, sample_steps=50, eta=0.0)  # 70,000 steps: about 200 epochs of 351 steps
+OWN_FLAGS = [  # this script's flags beyond the collection's: (flag, argparse keywords)
+    ("--mults", dict(default="1,2,2,2", help="channel multipliers, a level each (seed: 1,2,4)")),
+    ("--attn-res", dict(type=int, default=16, help="self-attention at this many pixels and less"))]
+SPLIT_SEED = 42  # the fixed order of the training images: which 5,000 are held out
+EXTRAS = {}  # the source project's extras register here (last section); the rest runs without them
+
 
 def die(msg):
+    """Bad input: one line on stderr, exit status 2."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 
+def get_args(argv=None):
+    """SPEC's flags with this script's DEFAULTS, its OWN_FLAGS and its source project's spellings;
+    --config's settings become defaults that the command line overrides."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.error = die  # argparse's own errors in one line too
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", default="./data", help="where the data set is or is downloaded to")
+    g.add_argument("--image-folder", help="train on your own images, one sub-folder per class")
+    g.add_argument("--limit", type=int, default=0, help="use the first N training images (0: all)")
+    g.add_argument("--val-size", type=int, help="images held out for the validation loss, best.pt")
+    g.add_argument("--workers", type=int, help="DataLoader processes that decode images")
+    g = p.add_argument_group("model and diffusion")
+    g.add_argument("--width", type=int, help="base channels (U-Net) or hidden size (DiT)")
+    g.add_argument("--depth", type=int, help="blocks per resolution (U-Net) or in all (DiT)")
+    g.add_argument("--dropout", type=float, help="dropout probability in the blocks")
+    g.add_argument("--steps", type=int, help="diffusion timesteps T of the noise schedule")
+    g.add_argument("--schedule", choices=["linear", "cosine", "sigmoid"], help="noise schedule")
+    g.add_argument("--p-uncond", type=float, help="probability of dropping the condition (CFG)")
+    g.add_argument("--uncond", action="store_true", help="plain DDPM: the condition is never used")
+    g.add_argument("--loss", choices=["mse", "l1"], default="mse", help="loss on the prediction")
+    g = p.add_argument_group("training")
+    g.add_argument("--iters", type=int, help="optimizer steps")
+    g.add_argument("--epochs", type=int, default=0, help="passes over the data (0: --iters)")
+    g.add_argument("--batch-size", type=int, help="images per micro-batch and device")
+    g.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, help="AdamW learning rate after the warm-up")
+    g.add_argument("--lr-decay", choices=["none", "cosine"], help="after the warm-up: to 0 or not")
+    g.add_argument("--warmup", type=int, help="steps of linear learning-rate warm-up")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="largest gradient norm (0: off)")
+    g.add_argument("--ema", type=float, help="EMA decay, warmed up as (1 + n) / (10 + n)")
+    g.add_argument("--seed", type=int, default=0, help="random seed: runs are repeatable")
+    g.add_argument("--log-every", type=int, help="steps between log.jsonl lines")
+    g.add_argument("--sample-every", type=int, help="steps between samples_<step>.png grids")
+    g.add_argument("--ckpt-every", type=int, help="steps between ckpt.pt saves")
+    g.add_argument("--save-every", type=int, default=0, help="steps between kept ckpt_<step>.pt")
+    g.add_argument("--keep", type=int, default=0, help="keep the newest K ckpt_<step>.pt (0: all)")
+    g.add_argument("--resume", action="store_true", help="continue from the run's ckpt.pt")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--sample", action="store_true", help="no training: sample from --ckpt")
+    g.add_argument("--ckpt", help="checkpoint to sample from (default: the run's ckpt.pt)")
+    g.add_argument("--labels", nargs="+", default=["all"], help="what to sample (see conditions)")
+    g.add_argument("--per-label", type=int, help="samples of each label with --sample (a row)")
+    g.add_argument("--cfg", type=float, help="guidance W: e_u + W (e_c - e_u); 0 uncond, 1 cond")
+    g.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], default="ddim",
+                   help="ancestral DDPM on all T steps, DDIM or DPM-Solver++(2M) on --sample-steps")
+    g.add_argument("--sample-steps", type=int, help="steps K of ddim and dpmpp")
+    g.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic, 1 ancestral")
+    g.add_argument("--gif", action="store_true", help="with --sample, also write denoise.gif")
+    g.add_argument("--fid", type=int, default=0, help="FID and IS of N samples (fid.json)")
+    g.add_argument("--fid-weights", default="download", help="Inception weights: download, a path")
+    g = p.add_argument_group("system")
+    g.add_argument("--out-dir", default=f"out/{NAME}", help="where everything is written")
+    g.add_argument("--device", choices=["cuda", "mps", "cpu"], help="default: the best present")
+    g.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="autocast; auto: bf16 on CUDA 8.0+, fp16 on older CUDA, else fp32")
+    g.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
+    g.add_argument("--tensorboard", action="store_true", help="also log to <out-dir>/tb")
+    g.add_argument("--config", help="a run's config.json: its settings become the defaults")
+    g = p.add_argument_group(f"{NAME} and its source project")
+    for flag, kw in OWN_FLAGS + EXTRAS.get("flags", []):
+        g.add_argument(flag, **kw)
+    p.set_defaults(**DEFAULTS)
+    spellings = EXTRAS.get("spellings", {})  # the source project's flag names -> ours (None: drop)
+    argv = [spellings.get(a, a) for a in (sys.argv[1:] if argv is None else argv)]
+    argv = [a for a in argv if a is not None]
+    args = p.parse_args(argv)
+    if args.config:  # a new run with a saved run's settings: never its --resume or --sample
+        try:
+            with open(args.config) as f:
+                config = dict(json.load(f), config=None, resume=False, sample=False)
+        except (OSError, ValueError, TypeError) as e:
+            die(f"--config {args.config}: not a readable config.json ({type(e).__name__})")
+        unknown = sorted(set(config) - set(vars(args)))
+        if unknown:
+            die(f"--config {args.config}: not a config of {NAME}.py (has {unknown[0]!r})")
+        p.set_defaults(**config)
+        args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(a):
+    """The range of every number, in one table: the first one outside ends the run, in one line."""
+    checks = [("--steps", a.steps > 0, "> 0"), ("--iters", a.iters > 0, "> 0"),
+              ("--epochs", a.epochs >= 0, ">= 0"), ("--batch-size", a.batch_size > 0, "> 0"),
+              ("--accum", a.accum > 0, "> 0"), ("--lr", a.lr > 0, "> 0"),
+              ("--warmup", a.warmup >= 0, ">= 0"), ("--weight-decay", a.weight_decay >= 0, ">= 0"),
+              ("--grad-clip", a.grad_clip >= 0, ">= 0"), ("--ema", 0 <= a.ema < 1, "in [0, 1)"),
+              ("--p-uncond", 0 <= a.p_uncond < 1, "in [0, 1)"), ("--width", a.width > 0, "> 0"),
+              ("--depth", a.depth > 0, "> 0"), ("--dropout", 0 <= a.dropout < 1, "in [0, 1)"),
+              ("--limit", a.limit >= 0, ">= 0"), ("--val-size", a.val_size >= 0, ">= 0"),
+              ("--workers", a.workers >= 0, ">= 0"), ("--log-every", a.log_every > 0, "> 0"),
+              ("--sample-every", a.sample_every > 0, "> 0"), ("--keep", a.keep >= 0, ">= 0"),
+              ("--ckpt-every", a.ckpt_every > 0, "> 0"), ("--cfg", a.cfg >= 0, ">= 0"),
+              ("--save-every", a.save_every >= 0, ">= 0"), ("--per-label", a.per_label > 0, "> 0"),
+              ("--sample-steps", a.sample_steps > 0, "> 0"), ("--eta", 0 <= a.eta <= 1, "in [0,1]"),
+              ("--fid", a.fid == 0 or a.fid >= 10, "0 or >= 10 (IS splits the samples in 10)")]
+    for flag, ok, rule in checks:
+        if not ok:
+            die(f"{flag} {getattr(a, flag[2:].replace('-', '_'))}: must be {rule}")
+
+
 # ----------------------------------------------------------------------------- data
 
-def get_data(args):
-    """uint8 [N, 3, 32, 32] images and labels for train / val / test, and the class names. CIFAR-10: the
-    seed's 45,000 / 5,000 split of the train set (fixed permutation), the 10,000 test images as test.
-    An image folder: 10 % validation, 10 % test, the rest train."""
-    if args.image_folder:
-        if not os.path.isdir(args.image_folder):
-            die(f"--image-folder: no such folder {args.image_folder}")
-        T = torchvision.transforms
-        tf = T.Compose([T.Resize(IMAGE_SIZE), T.CenterCrop(IMAGE_SIZE), T.PILToTensor()])
-        try:
-            ds = torchvision.datasets.ImageFolder(args.image_folder, transform=tf)
-        except (FileNotFoundError, RuntimeError) as e:
-            die(f"--image-folder {args.image_folder}: {e}".splitlines()[0])
-        images, labels, classes = torch.stack([x for x, _ in ds]), torch.tensor(ds.targets), ds.classes
-        test_images = None
-    else:
-        try:
-            sets = [torchvision.datasets.CIFAR10(args.data_dir, train=tr, download=True) for tr in (True, False)]
-        except Exception as e:  # no network: say where the files go
-            die(f"could not get CIFAR-10 ({type(e).__name__}); put the folder cifar-10-batches-py (data_batch_1..5, "
-                f"test_batch, batches.meta) in {args.data_dir}/")
-        (images, labels), (test_images, test_labels) = [
-            (torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets)) for s in sets]
-        classes = sets[0].classes
-    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(SPLIT_SEED))
-    n_val = max(1, len(images) // 10)
-    val, test, train = perm[:n_val], perm[n_val:2 * n_val], perm[(1 if test_images is not None else 2) * n_val:]
-    if test_images is None:  # an image folder holds out its own test images
-        test_images, test_labels = images[test], labels[test]
-    train = train[:args.limit or None]
-    return dict(train=(images[train], labels[train]), val=(images[val], labels[val]),
-                test=(test_images, test_labels)), classes
+META = dict(classes=["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                     "ship", "truck"], channels=3, size=32, hflip=True, fid_ref="cifar10-train")
 
-def batches(n, batch_size, per_epoch, seed, rank, world, start_step):
-    """Index batches forever, epoch after epoch; the same seed and step give the same batch."""
+
+def get_data(config, split="train"):
+    """(data set of (uint8 [3, 32, 32] image, label) pairs, meta): CIFAR-10's 50,000 training images
+    in a fixed random order (so the held-out last --val-size are a random sample, whatever --seed);
+    split="fid": the same images in the file order, the standard FID reference; "test": its 10,000
+    test images (the seed's test loss). Or --image-folder, every split (its own FID reference)."""
+    if config["image_folder"]:
+        images, labels, classes = image_folder(config["image_folder"], 32, 3)
+        return TensorDataset(images, labels), dict(META, classes=classes, fid_ref="image-folder")
+    root = config["data_dir"]
+    where = (f"put the folder cifar-10-batches-py (data_batch_1..5, test_batch, batches.meta) in "
+             f"{root}/")
+    if split == "test":  # read by rank 0 alone (loss_history.json): no download, no barrier
+        try:
+            ds = torchvision.datasets.CIFAR10(root, train=False)
+        except Exception as e:
+            die(f"could not read the CIFAR-10 test set ({type(e).__name__}); {where}")
+    else:
+        ds = download_once(lambda: torchvision.datasets.CIFAR10(root, True, download=True), where)
+    images, labels = torch.from_numpy(ds.data).permute(0, 3, 1, 2), torch.tensor(ds.targets)
+    if split == "train":
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(SPLIT_SEED))
+        images, labels = images[order], labels[order]
+    return TensorDataset(images.contiguous(), labels), dict(META, classes=ds.classes)
+
+
+def conditions(labels, per_label, meta, config):
+    """(cond, drop, row length) of --labels: class names or indices, 'uncond', or 'all'."""
+    return label_conds(labels, per_label, meta, config["uncond"])
+
+
+def image_folder(path, size, channels):
+    """uint8 [N, C, size, size] images (resized, centre-cropped), labels and class names of an
+    ImageFolder tree, in a fixed random order (so that --limit and the held-out images see every
+    class). An unreadable image stops the start, naming the file."""
+    if not os.path.isdir(path):
+        die(f"--image-folder {path}: not a folder")
+    tf = torchvision.transforms
+    resize = tf.Compose([tf.Resize(size), tf.CenterCrop(size), tf.PILToTensor()])
+    try:
+        ds = torchvision.datasets.ImageFolder(path)
+    except (FileNotFoundError, RuntimeError) as e:
+        die(f"--image-folder {path}: {e}".splitlines()[0])
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0)).tolist()
+    images = []
+    for i in tqdm(order, desc="reading images", leave=False, disable=None):  # None: on a terminal
+        try:
+            with Image.open(ds.samples[i][0]) as im:
+                images.append(resize(im.convert("L" if channels == 1 else "RGB")))
+        except OSError as e:
+            die(f"--image-folder: {ds.samples[i][0]} is not a readable image ({e})")
+    return torch.stack(images), torch.tensor(ds.targets)[order], ds.classes
+
+
+def download_once(fetch, where):
+    """A torchvision data set, downloaded by one process per machine while the others wait."""
+    wait = dist.is_initialized() and int(os.environ.get("LOCAL_RANK", 0)) > 0
+    if wait:
+        dist.barrier()
+    try:
+        ds = fetch()
+    except Exception as e:  # no network, or broken files: say which files go where
+        die(f"could not read or download the data set ({type(e).__name__}); {where}")
+    if dist.is_initialized() and not wait:
+        dist.barrier()
+    return ds
+
+
+def split_data(data, limit, val_size):
+    """(train, val): the last val_size images (at most a tenth) held out, the same in every run;
+    train: the first --limit of the others (0: all)."""
+    n = len(data) - min(val_size, len(data) // 10)
+    return Subset(data, torch.arange(min(limit or n, n))), Subset(data, torch.arange(n, len(data)))
+
+
+def batches(n, batch_size, seed, rank, world, start):
+    """Index batches forever, epoch after epoch, each rank its share; the same seed and start give
+    the same batches, so --resume continues mid-epoch."""
     sampler = DistributedSampler(range(n), world, rank, shuffle=True, seed=seed, drop_last=True)
-    epoch, skip = divmod(start_step, per_epoch)
+    per_epoch = len(sampler) // batch_size
+    epoch, skip = divmod(start, per_epoch)
     while True:
         sampler.set_epoch(epoch)
         idx = torch.tensor(list(sampler))
@@ -153,9 +252,22 @@ def batches(n, batch_size, per_epoch, seed, rank, world, start_step):
             yield idx[b * batch_size:(b + 1) * batch_size]
         epoch, skip = epoch + 1, 0
 
-def to_model_input(images, device):
-    """uint8 [0, 255] -> float [-1, 1] on the device, channels_last."""
-    return (images.to(device, non_blocking=True).float() / 127.5 - 1).contiguous(memory_format=torch.channels_last)
+
+def loader(data, batch_size, seed, rank, world, start, workers, device):
+    """(uint8 images, conditions) batches from batch `start` on, fetched by `workers` processes; its
+    own generator leaves the global random stream alone (exact --resume)."""
+    if len(data) // world < batch_size:
+        die(f"--batch-size {batch_size} is larger than the data set ({len(data) // world} images "
+            f"per device)")
+    return iter(DataLoader(data, batch_size=None, num_workers=workers, generator=torch.Generator(),
+                           sampler=batches(len(data), batch_size, seed, rank, world, start),
+                           pin_memory=device.type == "cuda", persistent_workers=workers > 0))
+
+
+def to_model(images, device):
+    """uint8 [0, 255] -> float [-1, 1] on the device, channels_last (faster convolutions)."""
+    x = images.to(device, non_blocking=True).float() / 127.5 - 1
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 # ----------------------------------------------------------------------------- model
@@ -166,74 +278,91 @@ def timestep_embedding(t, dim):
     args = t.float()[:, None] * freqs[None]
     return torch.cat([args.sin(), args.cos()], dim=1)
 
+
 class Attention(nn.Module):
     """Multi-head self-attention over the pixels of a feature map, added residually."""
 
     def __init__(self, ch, heads=4):
         super().__init__()
-        self.heads, self.norm = heads, nn.GroupNorm(8, ch)
-        self.qkv, self.proj = nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
+        self.heads = heads
+        self.norm = nn.GroupNorm(8, ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+
     def forward(self, x):
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).unbind(1)
-        h = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # [B, heads, H*W, C/heads] each
+        h = F.scaled_dot_product_attention(q, k, v)
         return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
 
+
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice; time + class embedding enter by FiLM: h = norm(h) * (1 + scale) + shift.
-    Followed by self-attention where `attn` (the lower-resolution stages)."""
+    """GroupNorm-SiLU-conv twice; the time and class embedding enter by FiLM, h = norm(h) * (1 +
+    scale) + shift; then self-attention where `attn` (the low resolutions)."""
 
     def __init__(self, cin, cout, emb_dim, dropout, attn=False):
         super().__init__()
-        self.norm1, self.conv1 = nn.GroupNorm(8, cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm1 = nn.GroupNorm(8, cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
         self.film = nn.Linear(emb_dim, 2 * cout)
-        self.norm2, self.conv2 = nn.GroupNorm(8, cout), nn.Conv2d(cout, cout, 3, padding=1)
-        self.dropout, self.attn = nn.Dropout(dropout), Attention(cout) if attn else nn.Identity()
+        self.norm2 = nn.GroupNorm(8, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.dropout = nn.Dropout(dropout)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.attn = Attention(cout) if attn else nn.Identity()
+
     def forward(self, x, emb):
         h = self.conv1(F.silu(self.norm1(x)))
         scale, shift = self.film(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
         h = self.norm2(h) * (1 + scale) + shift
         return self.attn(self.skip(x) + self.conv2(self.dropout(F.silu(h))))
 
-class UNet(nn.Module):
-    """32 -> 16 -> 8 (-> 4) U-Net, skips concatenated. The class (index n_classes is the learned null class
-    of CFG) goes through a 128-d embedding and an MLP, is added to the time embedding, and reaches every
-    residual block through its FiLM scale and shift."""
 
-    def __init__(self, width=128, depth=2, mults=(1, 2, 2, 2), attn_res=16, n_classes=10, dropout=0.1):
+class UNet(nn.Module):
+    """32 -> 16 -> 8 -> 4 U-Net (a level per multiplier), skips concatenated, self-attention at
+    attn_res pixels and below and in the middle. The class (row n_classes: the learned null class
+    of CFG) goes through a 128-d embedding and an MLP, is added to the time embedding, and reaches
+    every ResBlock through its FiLM scale and shift."""
+
+    def __init__(self, width, depth, mults, attn_res, n_classes, dropout, size=32, channels=3):
         super().__init__()
         emb_dim, chs = 4 * width, [width * m for m in mults]
-        self.width = width
-        self.time_mlp = nn.Sequential(nn.Linear(width, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.label_emb = nn.Sequential(nn.Embedding(n_classes + 1, 128), nn.Linear(128, emb_dim), nn.SiLU(),
-                                       nn.Linear(emb_dim, emb_dim)) if n_classes else None
-        self.stem = nn.Conv2d(CHANNELS, width, 3, padding=1)
-        self.down, skips, c, res = nn.ModuleList(), [width], width, IMAGE_SIZE
-        for i, co in enumerate(chs):  # every module's output is a skip, consumed in reverse by self.up
+        self.width, self.null = width, n_classes
+        self.time_mlp = nn.Sequential(nn.Linear(width, emb_dim), nn.SiLU(),
+                                      nn.Linear(emb_dim, emb_dim))
+        self.label_emb = nn.Sequential(nn.Embedding(n_classes + 1, 128), nn.Linear(128, emb_dim),
+                                       nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.stem = nn.Conv2d(channels, width, 3, padding=1)
+        self.down, skips, c, res = nn.ModuleList(), [width], width, size
+        for i, co in enumerate(chs):  # every output is a skip, taken in reverse order by self.up
             for _ in range(depth):
                 self.down.append(ResBlock(c, co, emb_dim, dropout, res <= attn_res))
                 c = co
                 skips.append(c)
             if i < len(chs) - 1:
                 self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
-                skips, res = skips + [c], res // 2
-        self.mid = nn.ModuleList([ResBlock(c, c, emb_dim, dropout, True), ResBlock(c, c, emb_dim, dropout)])
+                skips.append(c)
+                res //= 2
+        self.mid = nn.ModuleList([ResBlock(c, c, emb_dim, dropout, attn=True),
+                                  ResBlock(c, c, emb_dim, dropout)])
         self.up = nn.ModuleList()
         for i, co in reversed(list(enumerate(chs))):
             for _ in range(depth + 1):
                 self.up.append(ResBlock(c + skips.pop(), co, emb_dim, dropout, res <= attn_res))
                 c = co
             if i > 0:
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(c, c, 3, padding=1)))
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2),
+                                             nn.Conv2d(c, c, 3, padding=1)))
                 res *= 2
-        self.out = nn.Sequential(nn.GroupNorm(8, c), nn.SiLU(), nn.Conv2d(c, CHANNELS, 3, padding=1))
+        self.out = nn.Sequential(nn.GroupNorm(8, c), nn.SiLU(),
+                                 nn.Conv2d(c, channels, 3, padding=1))
 
-    def forward(self, x, t, y=None):
-        emb = self.time_mlp(timestep_embedding(t, self.width))
-        if self.label_emb is not None:
-            emb = emb + self.label_emb(y)
-        hs = [h := self.stem(x)]
+    def forward(self, x, t, y, drop):
+        y = torch.where(drop, self.null, y)  # the null class where the condition is dropped
+        emb = self.time_mlp(timestep_embedding(t, self.width)) + self.label_emb(y)
+        h = self.stem(x)
+        hs = [h]
         for m in self.down:
             h = m(h, emb) if isinstance(m, ResBlock) else m(h)
             hs.append(h)
@@ -244,416 +373,818 @@ class UNet(nn.Module):
         return self.out(h)
 
 
+def build_model(config, meta):
+    """The network for a run's settings and its data's facts; one it cannot build ends the run."""
+    try:
+        mults = [int(m) for m in config["mults"].split(",")]
+    except ValueError:
+        mults = [0]
+    if min(mults) < 1:
+        die(f"--mults {config['mults']}: must be positive integers, e.g. 1,2,2,2")
+    if meta["size"] % 2 ** (len(mults) - 1):
+        die(f"--mults {config['mults']}: {len(mults)} levels halve {meta['size']} pixels too often")
+    if config["width"] % 8:
+        die(f"--width {config['width']}: must be a multiple of 8 (GroupNorm's 8 groups)")
+    return UNet(config["width"], config["depth"], mults, config["attn_res"], len(meta["classes"]),
+                config["dropout"], meta["size"], meta["channels"])
+
+
 # ----------------------------------------------------------------------------- diffusion
 
 def make_betas(schedule, T):
-    """Linear and sigmoid run from 1e-4 to 0.02 at T=1000, scaled by 1000/T so any T ends equally noisy
-    (clipped at 0.999 for very small T)."""
-    if schedule == "linear":  # Ho et al.
-        return torch.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=torch.float64).clamp(max=0.999)
-    if schedule == "sigmoid":  # the seed's: beta = sigmoid(linspace(-6, 6)) * (end - start) + start
-        s = torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64))
-        return ((s * (0.02 - 1e-4) + 1e-4) * 1000 / T).clamp(max=0.999)
-    # cosine (Nichol & Dhariwal): abar(t) = f(t)/f(0), f(t) = cos((t/T + s)/(1 + s) * pi/2)^2
-    f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + 0.008) / 1.008 * math.pi / 2) ** 2
-    return (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    """beta_1..beta_T, each below 0.999 so that abar_T > 0 however short the schedule."""
+    if schedule == "cosine":  # Nichol & Dhariwal: abar(t) = f(t) / f(0), f = cos(...)^2
+        f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + 0.008) / 1.008 * math.pi / 2)
+        return (1 - f[1:] ** 2 / f[:-1] ** 2).clamp(max=0.999)
+    if schedule == "sigmoid":  # sigmoid(linspace(-6, 6)) between 1e-4 and 0.02
+        betas = torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64)) * (0.02 - 1e-4) + 1e-4
+    else:  # linear (Ho et al.): 1e-4 .. 0.02
+        betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+    return (betas * 1000 / T).clamp(max=0.999)  # those are for T=1000: any T ends as noisy
+
+
+def make_alphas_cumprod(schedule, T, device):
+    """abar_t = prod_{s <= t} (1 - beta_s), float32 on the device."""
+    return torch.cumprod(1 - make_betas(schedule, T), 0).float().to(device)
+
 
 def q_sample(x0, t, noise, alphas_cumprod):
     """x_t = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * eps"""
-    abar = alphas_cumprod[t].view(-1, 1, 1, 1)
+    abar = alphas_cumprod[t].view(-1, *[1] * (x0.dim() - 1))
     return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
-def p_losses(model, x0, y, alphas_cumprod, p_uncond, null, loss="mse", t=None, noise=None):
-    """DDPM loss ||eps - eps_theta(x_t, t, y)|| (squared, or L1); labels dropped to `null` with p_uncond.
-    t and noise are drawn here unless given (validation uses fixed ones)."""
-    t = torch.randint(0, len(alphas_cumprod), (x0.shape[0],), device=x0.device) if t is None else t
-    noise = torch.randn_like(x0) if noise is None else noise
-    if y is not None and p_uncond > 0:
-        y = torch.where(torch.rand(y.shape, device=y.device) < p_uncond, null, y)
-    pred = model(q_sample(x0, t, noise, alphas_cumprod), t, y).float()
-    return F.mse_loss(pred, noise) if loss == "mse" else F.l1_loss(pred, noise)
+
+def loss_target(x0, noise, abar):
+    """What the network learns to predict: the noise eps (Ho et al.)."""
+    return noise
+
+
+def eps_from_pred(pred, x, abar):
+    """The network's prediction as the noise eps that the samplers take: it is eps."""
+    return pred
+
+
+def p_losses(model, x0, cond, alphas_cumprod, p_uncond, loss="mse", t=None, noise=None, drop=None):
+    """||loss_target - model(x_t, t, cond)||^2 (or L1), x_t = q_sample(x0, t, eps), the condition
+    dropped with probability p_uncond (CFG). t, eps and the drops are drawn from the CPU generator,
+    which --resume restores on any device, unless given."""
+    B, device = x0.shape[0], x0.device
+    t = torch.randint(0, len(alphas_cumprod), (B,)).to(device) if t is None else t
+    noise = torch.randn(x0.shape).to(device) if noise is None else noise
+    drop = (torch.rand(B) < p_uncond).to(device) if drop is None else drop
+    pred = model(q_sample(x0, t, noise, alphas_cumprod), t, cond, drop).float()
+    target = loss_target(x0, noise, alphas_cumprod[t].view(-1, 1, 1, 1))
+    return F.mse_loss(pred, target) if loss == "mse" else F.l1_loss(pred, target)
+
 
 @torch.no_grad()
-def eval_loss(model, images, labels, alphas_cumprod, args, n_classes, batch_size=250):
-    """Mean loss over a split on fixed noise and timesteps, so the numbers of different epochs are comparable."""
-    g, total, device = torch.Generator().manual_seed(SPLIT_SEED), 0.0, alphas_cumprod.device
-    for i in range(0, len(images), batch_size):
-        x0 = to_model_input(images[i:i + batch_size], device)
+def eval_loss(model, data, alphas_cumprod, config, dtype, batch_size=250):
+    """Mean loss over `data`, condition kept, on timesteps and noise fixed by seed 0: comparable
+    between steps, and the training's random streams are untouched."""
+    g, total, device = torch.Generator().manual_seed(0), 0.0, alphas_cumprod.device
+    for idx in torch.arange(len(data)).split(batch_size):
+        images, cond = data[idx]
+        x0 = to_model(images, device)
         t = torch.randint(0, len(alphas_cumprod), (len(x0),), generator=g).to(device)
         noise = torch.randn(x0.shape, generator=g).to(device)
-        y = labels[i:i + batch_size].to(device) if n_classes else None
-        with autocast(args, device):
-            total += p_losses(model, x0, y, alphas_cumprod, 0.0, n_classes, args.loss, t, noise).item() * len(x0)
-    return total / len(images)
+        drop = torch.full((len(x0),), config["uncond"], device=device)
+        with autocast(dtype, device):
+            loss = p_losses(model, x0, cond.to(device), alphas_cumprod, 0, config["loss"], t, noise,
+                            drop)
+        total += loss.item() * len(x0)
+    return total / len(data)
 
 
 # ----------------------------------------------------------------------------- sampling
 
-def cfg_denoiser(model, y, w, null):
-    """eps(x, t) with classifier-free guidance: eps = eps_u + w * (eps_c - eps_u) (SPEC's convention:
-    w=0 unconditional, w=1 conditional), both halves in one doubled batch."""
-    if y is None or w == 1:
-        return lambda x, t: model(x, t, y).float()
-    if w == 0:
-        return lambda x, t: model(x, t, torch.full_like(y, null)).float()
+def cfg_denoiser(model, cond, drop, w):
+    """The prediction with classifier-free guidance, pred = pred_u + w * (pred_c - pred_u) (SPEC:
+    w=0 unconditional, w=1 conditional), both halves in one doubled batch; rows with drop stay
+    unconditional."""
+    if w in (0, 1) or drop.all():  # one half is enough
+        d = torch.ones_like(drop) if w == 0 else drop
+        return lambda x, t: model(x, t, cond, d).float()
+
+    def pred_fn(x, t):
+        pred_c, pred_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, cond]),
+                               torch.cat([drop, torch.ones_like(drop)])).float().chunk(2)
+        return pred_u + w * (pred_c - pred_u)
+    return pred_fn
+
+
+def denoiser(model, cond, drop, w, alphas_cumprod):
+    """eps(x, t) for the samplers: the guided prediction as eps, the clean image it implies clipped
+    to [-1, 1] and eps recomputed. Near t = T, x0 = (x - sqrt(1-abar) eps) / sqrt(abar) multiplies
+    any error of eps by 1/sqrt(abar) (2e4 with the cosine schedule)."""
+    pred_fn = cfg_denoiser(model, cond, drop, w)
 
     def eps_fn(x, t):
-        eps_c, eps_u = model(torch.cat([x, x]), torch.cat([t, t]),
-                             torch.cat([y, torch.full_like(y, null)])).float().chunk(2)
-        return eps_u + w * (eps_c - eps_u)
+        abar = alphas_cumprod[t].view(-1, 1, 1, 1)
+        eps = eps_from_pred(pred_fn(x, t), x, abar)
+        x0 = ((x - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1, 1)
+        return (x - abar.sqrt() * x0) / (1 - abar).sqrt()
     return eps_fn
 
-def sample_timesteps(T, steps):
-    return torch.linspace(T - 1, 0, steps).round().long().tolist()
 
-def ddim_sample(eps_fn, x, alphas_cumprod, steps, eta, generator=None, path=None, t_start=None, clip=False):
-    """DDIM (Song et al.) from x_t, t = t_start (default T-1), on `steps` timesteps. With eta=1 on all T
-    steps this is exactly DDPM's ancestral sampler with the posterior variance beta_tilde. With clip, the
-    predicted x0 is clipped to the data range [-1, 1] and eps re-derived from it (Ho et al.'s clip_denoised:
-    near t=T, where abar ~ 0, x0 = (x - sqrt(1-abar) eps) / sqrt(abar) magnifies every error of eps)."""
-    ts = sample_timesteps(len(alphas_cumprod) if t_start is None else t_start + 1, steps)
-    for i, t in enumerate(tqdm(ts, desc="sampling", leave=False, disable=len(ts) < 50)):
+def ddim_timesteps(t_start, steps):
+    """`steps` timesteps evenly from t_start down to 0."""
+    return torch.linspace(t_start, 0, steps).round().long().tolist()
+
+
+def dpmpp_timesteps(alphas_cumprod, t_start, steps):
+    """`steps` timesteps evenly in lambda = log(alpha / sigma), from t_start or from lambda = -5
+    (where x_t is pure noise already; the cosine schedule reaches -10: wasted steps) down to 0."""
+    lam = 0.5 * torch.log(alphas_cumprod / (1 - alphas_cumprod)).cpu()
+    grid = torch.linspace(max(lam[t_start].item(), -5.0), lam[0].item(), steps)
+    return sorted({int((lam - g).abs().argmin()) for g in grid}, reverse=True)
+
+
+def ddim_sample(eps_fn, x, alphas_cumprod, timesteps, eta=0.0, generator=None, callback=None):
+    """DDIM (Song et al.) from x at timesteps[0] down the timesteps to the clean image; eta=1 on
+    every timestep is DDPM's ancestral sampler (variance beta_tilde). callback(x, t) returns each
+    step's result: recorded, or changed (steering)."""
+    for i, t in enumerate(tqdm(timesteps, "sampling", leave=False, disable=len(timesteps) < 50)):
         abar = alphas_cumprod[t]
-        abar_prev = alphas_cumprod[ts[i + 1]] if i + 1 < len(ts) else torch.ones_like(abar)
+        abar_prev = alphas_cumprod[timesteps[i + 1]] if i + 1 < len(timesteps) else abar ** 0
         eps = eps_fn(x, torch.full((x.shape[0],), t, device=x.device))
         x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
-        if clip:
-            x0 = x0.clamp(-1, 1)
-            eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
         # sigma^2 = eta^2 * (1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)
         sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
         x = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
         if sigma > 0:
             x = x + sigma * torch.randn(x.shape, generator=generator).to(x.device)
-        if path is not None:
-            path.append(x.cpu())
+        if callback is not None:
+            x = callback(x, t)
     return x
 
-def dpmpp_sample(eps_fn, x, alphas_cumprod, steps, path=None, clip=False):
-    """DPM-Solver++(2M) (Lu et al. 2022) in data prediction, lambda = log(alpha / sigma); the last step,
-    to the clean image, is first order. Timesteps are uniform in lambda, from lambda = -5 (below it
-    x_t is pure noise; the cosine schedule reaches -10, which would waste steps) to lambda at t=0. With clip,
-    each x0 is clipped to [-1, 1] as in ddim_sample."""
+
+def dpmpp_sample(eps_fn, x, alphas_cumprod, timesteps, callback=None):
+    """DPM-Solver++(2M) (Lu et al. 2022), data prediction, lambda = log(alpha / sigma), from x at
+    timesteps[0] down the timesteps; the last step, to the clean image, is first order."""
     alpha, sigma = alphas_cumprod.sqrt(), (1 - alphas_cumprod).sqrt()
     lam = torch.log(alpha / sigma)
-    grid = torch.linspace(max(lam[-1].item(), -5.0), lam[0].item(), steps, device=lam.device)
-    ts = sorted({int((lam - g).abs().argmin()) for g in grid}, reverse=True)
     x0_prev, h_prev = None, None
-    for i, t in enumerate(tqdm(ts, desc="sampling", leave=False, disable=len(ts) < 50)):
+    for i, t in enumerate(tqdm(timesteps, "sampling", leave=False, disable=len(timesteps) < 50)):
         x0 = (x - sigma[t] * eps_fn(x, torch.full((x.shape[0],), t, device=x.device))) / alpha[t]
-        x0 = x0.clamp(-1, 1) if clip else x0
-        if i + 1 == len(ts):
+        if i + 1 == len(timesteps):
             x = x0
         else:
-            s = ts[i + 1]
+            s = timesteps[i + 1]
             h = lam[s] - lam[t]
-            d = x0 if x0_prev is None else x0 + (x0 - x0_prev) * h / (2 * h_prev)  # (1 + 1/2r) x0 - x0_prev/2r
+            d = x0 if x0_prev is None else x0 + (x0 - x0_prev) * h / (2 * h_prev)  # 2nd order
             x = sigma[s] / sigma[t] * x - alpha[s] * torch.expm1(-h) * d
             x0_prev, h_prev = x0, h
-        if path is not None:
-            path.append(x.cpu())
+        if callback is not None:
+            x = callback(x, t)
     return x
 
-@torch.inference_mode()
-def generate(model, alphas_cumprod, labels, args, n_classes, seed=0, path=None, cfg=None):
-    """Images in [-1, 1] for `labels` (n_classes = unconditional) from fixed seeds, at guidance cfg or args.cfg,
-    with the chosen sampler; x0 predictions are clipped to [-1, 1]."""
-    device, T = alphas_cumprod.device, len(alphas_cumprod)
-    K = min(args.sample_steps, T)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn((len(labels), CHANNELS, IMAGE_SIZE, IMAGE_SIZE), generator=g).to(device)
-    x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.tensor(labels, device=device) if n_classes else None
-    eps_fn = cfg_denoiser(model, y, args.cfg if cfg is None else cfg, n_classes)
-    if args.sampler == "dpmpp":
-        x = dpmpp_sample(eps_fn, x, alphas_cumprod, K, path, clip=True)
-    else:
-        steps, eta = (T, 1.0) if args.sampler == "ddpm" else (K, args.eta)  # ddpm: eta=1 on all T steps
-        x = ddim_sample(eps_fn, x, alphas_cumprod, steps, eta, g, path, clip=True)
-    return x.clamp(-1, 1)
+
+@torch.no_grad()  # not inference_mode: a steering callback may take gradients
+def generate(model, cond, drop, alphas_cumprod, shape, seed=0, sampler="ddim", steps=50, eta=0.0,
+             w=1.0, x=None, t_start=None, columns=None, callback=None):
+    """Images in [-1, 1] for the rows of cond (rows with drop: unconditional) from fixed seeds: from
+    pure noise (with `columns`, a grid of that width whose rows start from the same noise, so that
+    they differ by their condition only), or from x at t_start (a reconstruction: its share of the
+    steps). ddpm walks every timestep (DDIM, eta=1); ddim and dpmpp take `steps`."""
+    T, g = len(alphas_cumprod), torch.Generator().manual_seed(seed)
+    if x is None:
+        x, t_start = torch.randn((columns or len(cond), *shape), generator=g), T - 1
+        x = x.repeat(len(cond) // len(x), 1, 1, 1)
+    x = x.to(alphas_cumprod.device).contiguous(memory_format=torch.channels_last)
+    K = max(1, round(min(steps, T) * (t_start + 1) / T))
+    eps_fn = denoiser(model, cond.to(x.device), drop.to(x.device), w, alphas_cumprod)
+    if sampler == "dpmpp":
+        ts = dpmpp_timesteps(alphas_cumprod, t_start, K)
+        return dpmpp_sample(eps_fn, x, alphas_cumprod, ts, callback).clamp(-1, 1)
+    if sampler == "ddpm":
+        K, eta = t_start + 1, 1.0
+    ts = ddim_timesteps(t_start, K)
+    return ddim_sample(eps_fn, x, alphas_cumprod, ts, eta, g, callback).clamp(-1, 1)
+
+
+def sampling(config):
+    """The sampler settings of a run's or the command line's config, as generate's keywords."""
+    return dict(sampler=config["sampler"], steps=config["sample_steps"], eta=config["eta"],
+                w=config["cfg"])
+
+
+def tracer(trace, rows=slice(None)):
+    """A sampler callback keeping every step's x (its `rows`) on the CPU: path figures, GIFs."""
+    def keep(x, t):
+        trace.append(x[rows].cpu())
+        return x
+    return keep
+
+
+def label_conds(labels, per_label, meta, uncond):
+    """(labels, drop, row length) for --labels: class names or indices, 'uncond' or the index
+    len(classes) (the null class), or 'all' (every class, then uncond); per_label of each, a row
+    each. An unconditional model has only the unconditional row."""
+    classes = meta["classes"]
+    words = [w.strip() for text in labels for w in text.split(",") if w.strip()]
+    if uncond or words == ["all"]:
+        words = ["uncond"] if uncond else classes + ["uncond"]
+    rows = []
+    for w in words:
+        if w in classes:
+            rows.append(classes.index(w))
+        elif w == "uncond" or (w.isdigit() and int(w) <= len(classes)):
+            rows.append(len(classes) if w == "uncond" else int(w))
+        else:
+            die(f"--labels: unknown class {w!r} (use {', '.join(classes)}, 0-{len(classes)}, "
+                f"uncond or all)")
+    y = torch.tensor(rows).repeat_interleave(per_label)
+    return y.clamp(max=len(classes) - 1), y == len(classes), per_label
+
 
 def save_grid(x, path, nrow):
+    """Images in [-1, 1] as one PNG, nrow to a row."""
     torchvision.utils.save_image(x * 0.5 + 0.5, path, nrow=nrow, padding=1, pad_value=1.0)
 
-def save_gif(trace, out, nrow):
+
+def path_figure(trace, path):
+    """Denoising paths: a row per traced sample, 10 columns from noise to image."""
+    cols = torch.linspace(0, len(trace) - 1, min(len(trace), 10)).round().long().tolist()
+    save_grid(torch.stack([trace[c] for c in cols], 1).flatten(0, 1).clamp(-1, 1), path, len(cols))
+
+
+def save_gif(trace, path, nrow):
+    """denoise.gif: one frame per sampler step (at most 50), the whole grid in each."""
     frames = torch.linspace(0, len(trace) - 1, min(len(trace), 50)).round().long().tolist()
     imgs = []
     for f in frames:
         grid = torchvision.utils.make_grid(trace[f].clamp(-1, 1) * 0.5 + 0.5, nrow=nrow, padding=1)
         imgs.append(Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy()))
-    imgs[0].save(out, save_all=True, append_images=imgs[1:], duration=80, loop=0)
-
-@torch.inference_mode()
-def reconstruction_figure(model, images, labels, alphas_cumprod, args, n_classes, out):
-    """Training images forward-noised to t = T/4, T/2, 3T/4 and denoised back by DDIM with their label:
-    columns x0 | x_t, x0_hat for each t. Returns the mean squared error of x0_hat per t."""
-    device, T = alphas_cumprod.device, len(alphas_cumprod)
-    x0 = to_model_input(images[:8], device)
-    eps_fn = cfg_denoiser(model, labels[:8].to(device) if n_classes else None, args.cfg, n_classes)
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    cols, errors = [x0], {}
-    for t in (T // 4, T // 2, 3 * T // 4):
-        xt = q_sample(x0, torch.full((len(x0),), t, device=device), noise, alphas_cumprod)
-        rec = ddim_sample(eps_fn, xt, alphas_cumprod, max(1, args.sample_steps * t // T), 0.0, t_start=t,
-                          clip=True).clamp(-1, 1)
-        cols += [xt, rec]
-        errors[t] = F.mse_loss(rec, x0).item()
-    save_grid(torch.stack(cols, 1).flatten(0, 1).clamp(-1, 1), out, len(cols))
-    return errors
+    imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=80, loop=0)
 
 
-# ----------------------------------------------------------------------------- EMA, checkpoints, FID
+# ------------------------------------------------------------------- EMA, checkpoints, system
 
 @torch.no_grad()
 def update_ema(ema, model, decay):
+    """ema = decay * ema + (1 - decay) * model; buffers copied."""
     for pe, p in zip(ema.parameters(), model.parameters()):
         pe.lerp_(p, 1 - decay)
     for be, b in zip(ema.buffers(), model.buffers()):
         be.copy_(b)
 
-def ckpt_file(args):
-    """The run's checkpoint: <out-dir>/ckpt.pt, or models/<run_name>/ckpt.pt in the seed's layout."""
-    return os.path.join("models", args.run_name, "ckpt.pt") if args.run_name else os.path.join(args.out_dir, "ckpt.pt")
 
 def save_checkpoint(path, state):
-    """Write to a temporary file in the same folder, then rename: a crash never leaves a broken file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    torch.save(state, f"{path}.tmp")
+    """A temporary file in the same folder, then renamed over `path`: a crash or a full disk never
+    leaves a broken file, and the previous one stays until the new one is whole."""
+    try:
+        torch.save(state, f"{path}.tmp")
+    except (OSError, RuntimeError) as e:  # a full disk: RuntimeError "... unexpected pos ..."
+        if os.path.exists(f"{path}.tmp"):
+            os.remove(f"{path}.tmp")
+        reason = str(e).splitlines()[0] if isinstance(e, OSError) else "no space left on the device"
+        sys.exit(f"error: {reason} while writing {path}; the previous one is kept")
     os.replace(f"{path}.tmp", path)
 
+
 def load_checkpoint(path, device):
+    """A checkpoint of this script, read as tensors and plain values only (it cannot run code)."""
     if not os.path.isfile(path):
         die(f"no checkpoint at {path} (train first, or pass --ckpt)")
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        ck = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         die(f"{path} is not a readable checkpoint ({type(e).__name__})")
+    if not isinstance(ck, dict) or ck.get("script") != NAME:
+        die(f"{path} is not a checkpoint of {NAME}.py")
+    return ck
 
-def build_model(cfg, n_classes):
-    return UNet(cfg["width"], cfg["depth"], tuple(int(m) for m in cfg["mults"].split(",")), cfg["attn_res"],
-                n_classes, cfg["dropout"])
 
 def load_weights(module, state, path):
     try:
         module.load_state_dict(state)
     except RuntimeError:
-        die(f"checkpoint {path} does not match this model (check --width, --depth, --mults, --uncond)")
+        die(f"{path} does not match this model (check --width, --depth and the data)")
 
-def run_fid(args, model, alphas_cumprod, n_classes, rank, world):
-    """FID of args.fid class-balanced samples against the test split; each rank makes its share."""
-    import fid  # only here, so this file runs without fid.py
-    images, mine, bs = get_data(args)[0]["test"][0], list(range(rank, args.fid, world)), 250
-    real = (images[mine[i:i + bs]].float() / 255 for i in range(0, len(mine), bs))
-    fake = ((generate(model, alphas_cumprod, [j % max(n_classes, 1) for j in mine[i:i + bs]], args, n_classes,
-                      seed=args.seed + i + 1) + 1) / 2 for i in range(0, len(mine), bs))
-    cache = None if args.image_folder else os.path.join(args.data_dir, f"fid_stats_cifar10-test_{args.fid}.npz")
-    res = fid.evaluate(fake, real, len(mine), cache=cache, weights=args.fid_weights, device=alphas_cumprod.device)
-    if rank == 0:
-        res.update(sampler=args.sampler, sample_steps=args.sample_steps, cfg=args.cfg)
-        json.dump(res, open(os.path.join(args.out_dir, "fid.json"), "w"), indent=2)
-        print(f"FID {res['fid']:.2f} from {args.fid} samples -> {args.out_dir}/fid.json")
+
+def setup(name):
+    """The device (the best present unless named) and DistributedDataParallel: torchrun sets RANK,
+    LOCAL_RANK and WORLD_SIZE; NCCL on CUDA, gloo otherwise."""
+    present = dict(cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available(), cpu=True)
+    name = name or next(k for k, ok in present.items() if ok)
+    if not present[name]:
+        die(f"--device {name}: not present on this machine")
+    ddp, rank, world = "RANK" in os.environ, 0, 1
+    if ddp:
+        dist.init_process_group("nccl" if name == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    if name == "cuda":
+        name = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+        torch.cuda.set_device(name)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return torch.device(name), ddp, rank, world
+
+
+def amp_dtype(name, device):
+    """--dtype as autocast's dtype (None: fp32). auto: bf16 where the GPU computes in bf16 (compute
+    capability 8.0 on), fp16 with loss scaling on older GPUs (T4, V100, P100), else fp32."""
+    if name == "auto" and device.type == "cuda":
+        name = "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name)
+
+
+def autocast(dtype, device):
+    return torch.autocast(device.type, dtype) if dtype else nullcontext()
+
+
+def rng_states(device):
+    """This process's random streams: the CPU's and the GPU's (dropout draws there)."""
+    states = dict(cpu=torch.get_rng_state())
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def lock(out_dir):
+    """Claim --out-dir for this run: a second run on it stops with one line; the lock of a process
+    that died on this machine (kill -9, a power cut) is taken over."""
+    path = os.path.join(out_dir, "lock")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        if os.path.exists(path):
+            host, pid = (open(path).read().split() + ["?", "0"])[:2]
+            if host != socket.gethostname() or pid_alive(int(pid)):
+                die(f"--out-dir {out_dir}: in use by process {pid} on {host} (if no run is "
+                    f"using it, delete {path})")
+        with open(path, "w") as f:
+            f.write(f"{socket.gethostname()} {os.getpid()}\n")
+    except OSError as e:
+        die(f"--out-dir {out_dir}: cannot write there ({e.strerror})")
+    return path
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0 only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, another user's
+        pass
+    return True
 
 
 # ----------------------------------------------------------------------------- training
 
-def setup(args):
-    """Device and DistributedDataParallel: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE."""
-    ddp = "RANK" in os.environ
-    name = "cpu" if args.no_cuda else args.device or (
-        "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu")
-    rank, world = 0, 1
-    if ddp:
-        dist.init_process_group("nccl" if name == "cuda" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if name == "cuda":
-            name = f"cuda:{os.environ['LOCAL_RANK']}"
-            torch.cuda.set_device(name)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return torch.device(name), ddp, rank, world
+def new_run(config, meta, device, dtype):
+    """What training and sampling both need: model, EMA copy, noise schedule, image shape."""
+    model = build_model(config, meta).to(device).to(memory_format=torch.channels_last)
+    return SimpleNamespace(config=config, meta=meta, model=model, device=device, dtype=dtype,
+                           ema=copy.deepcopy(model).eval().requires_grad_(False), step=0,
+                           alphas_cumprod=make_alphas_cumprod(config["schedule"], config["steps"],
+                                                              device),
+                           shape=(meta["channels"], meta["size"], meta["size"]), writer=None)
 
-def autocast(args, device):
-    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, torch.bfloat16) if bf16 else nullcontext()
+
+def build_run(args, device, rank, world):
+    """A run from the command line: data (training and held out), model, EMA, optimizer, loss
+    scaler, and with --resume the checkpoint's state. Nothing is written: a failed start changes
+    nothing."""
+    torch.manual_seed(args.seed + rank)  # each rank its own noise, timesteps, drops and flips
+    data, meta = get_data(vars(args))
+    run = new_run(vars(args), meta, device, amp_dtype(args.dtype, device))
+    run.train_set, run.val_set = split_data(data, args.limit, args.val_size)
+    run.opt = torch.optim.AdamW(run.model.parameters(), lr=args.lr, fused=device.type == "cuda",
+                                weight_decay=args.weight_decay)
+    run.scaler = torch.amp.GradScaler(device.type, enabled=run.dtype == torch.float16)
+    run.per_epoch = len(run.train_set) // (args.batch_size * args.accum * world)
+    run.total = args.epochs * max(run.per_epoch, 1) if args.epochs else args.iters
+    run.ckpt, run.best_val, run.state = os.path.join(args.out_dir, "ckpt.pt"), math.inf, {}
+    if args.resume:  # weights, EMA, optimizer, scaler, step, the extras' state, random streams
+        ck = load_checkpoint(run.ckpt, device)
+        load_weights(run.model, ck["model"], run.ckpt)
+        load_weights(run.ema, ck["ema"], run.ckpt)
+        run.opt.load_state_dict(ck["opt"])
+        run.scaler.load_state_dict(ck["scaler"])
+        rng = ck["rng"][rank if len(ck["rng"]) == world else 0]
+        torch.set_rng_state(rng["cpu"].cpu())
+        if "cuda" in rng and device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
+        run.step, run.best_val, run.state = ck["step"], ck["best_val"], ck["extras"]
+    if run.step >= run.total:
+        die(f"--resume: {run.ckpt} is at step {run.step} already (raise --iters or --epochs)")
+    return run
+
+
+def start_run(args, run, world):
+    """Rank 0, once the run can start: the lock, config.json, log.jsonl cut back to the resumed step
+    (after a crash the steps since the last checkpoint are trained again), TensorBoard."""
+    lock_path = lock(args.out_dir)
+    with open(os.path.join(args.out_dir, "config.json"), "w") as f:
+        json.dump(run.config, f, indent=2)
+    log = os.path.join(args.out_dir, "log.jsonl")
+    if os.path.exists(log):
+        with open(log) as f:
+            lines = [line for line in f if line.endswith("\n")]  # a kill -9 may cut the last one
+        with open(log, "w") as f:
+            f.writelines(line for line in lines if json.loads(line)["step"] <= run.step)
+    if args.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            die("--tensorboard needs the tensorboard package: pip install tensorboard")
+        run.writer = SummaryWriter(os.path.join(args.out_dir, "tb"))
+    print(f"{sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M parameters, "
+          f"{len(run.train_set)} images + {len(run.val_set)} held out, global batch "
+          f"{args.batch_size * args.accum * world}, {run.per_epoch} steps per epoch, "
+          f"{run.device}, autocast {run.dtype}")
+    return lock_path
+
+
+def get_lr(step, lr, warmup, total, decay):
+    """Linear warm-up over `warmup` steps, then constant or (decay "cosine") down to 0 at total."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if decay == "cosine":
+        return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return lr
+
+
+def train_step(model, wrapped, run, micro, ddp):
+    """One optimizer step on the micro-batches (gradient accumulation; DDP all-reduces on the last
+    only); returns the mean loss. Under fp16 the loss is scaled, and the scaler skips a step whose
+    gradients are not finite."""
+    c = run.config
+    run.opt.zero_grad(set_to_none=True)
+    total = 0.0
+    for i, (images, cond) in enumerate(micro):
+        x0 = to_model(images, run.device)
+        if run.meta["hflip"]:  # random horizontal flips, drawn from the CPU generator
+            flip = (torch.rand(len(x0)) < 0.5).to(run.device)
+            x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(3), x0)
+        with wrapped.no_sync() if ddp and i + 1 < len(micro) else nullcontext():
+            with autocast(run.dtype, run.device):
+                loss = p_losses(model, x0, cond.to(run.device), run.alphas_cumprod,
+                                1.0 if c["uncond"] else c["p_uncond"], c["loss"]) / len(micro)
+            run.scaler.scale(loss).backward()
+        total = total + loss.detach()
+    run.scaler.unscale_(run.opt)
+    if c["grad_clip"]:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), c["grad_clip"])
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    return total
+
+
+def log_record(losses, step, lr, seconds, run, ddp, world):
+    """The log line: mean loss of the steps since the last line over all ranks, lr, images/s. Under
+    fp16 a non-finite loss is a step the scaler skipped (counted); otherwise it stops the run."""
+    losses = torch.stack(losses)
+    ok = losses.isfinite()
+    sums = torch.stack([torch.where(ok, losses, 0).sum(), ok.sum(), (~ok).sum()]).float()
+    if ddp:
+        dist.all_reduce(sums)
+    if sums[2] and run.dtype != torch.float16:
+        sys.exit(f"error: the loss is not finite at step {step}; stopped, {run.ckpt} is kept")
+    n = len(losses) * run.config["batch_size"] * run.config["accum"] * world
+    rec = dict(step=step, loss=(sums[0] / sums[1].clamp(min=1)).item(), lr=lr,
+               img_per_s=n / seconds, elapsed=time.time() - run.t0)
+    if run.dtype == torch.float16:
+        rec["skipped"] = int(sums[2])
+    return rec
+
+
+def write_log(rec, run):
+    with open(os.path.join(run.config["out_dir"], "log.jsonl"), "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    for k, v in rec.items():
+        if run.writer and k not in ("step", "elapsed"):
+            run.writer.add_scalar(k, v, rec["step"])
+
+
+def save_run(run, step, periodic, ddp, world, master):
+    """ckpt.pt, best.pt when the EMA model's validation loss is the lowest yet, ckpt_<step>.pt when
+    periodic (the newest --keep). Every rank's random streams are gathered (a collective); weights
+    that are not finite are never written: the run stops and the previous files stay."""
+    rng = [rng_states(run.device)] * world
+    if ddp:
+        dist.all_gather_object(rng, rng[0])
+    if not all(p.isfinite().all() for m in (run.model, run.ema) for p in m.parameters()):
+        sys.exit(f"error: the weights are not finite at step {step}; stopped, {run.ckpt} is kept")
+    if not master:
+        return
+    out, keep, improved = run.config["out_dir"], run.config["keep"], False
+    if len(run.val_set):
+        val = eval_loss(run.ema, run.val_set, run.alphas_cumprod, run.config, run.dtype)
+        improved, run.best_val = val < run.best_val, min(val, run.best_val)
+        write_log(dict(step=step, val_loss=val), run)
+    state = dict(script=NAME, model=run.model.state_dict(), ema=run.ema.state_dict(),
+                 opt=run.opt.state_dict(), scaler=run.scaler.state_dict(), step=step, rng=rng,
+                 config=run.config, meta=run.meta, best_val=run.best_val, extras=run.state)
+    for name in ["ckpt.pt"] + ["best.pt"] * improved + [f"ckpt_{step}.pt"] * periodic:
+        save_checkpoint(os.path.join(out, name), state)
+    periodic = sorted(int(f[5:-3]) for f in os.listdir(out) if f[:5] + f[-3:] == "ckpt_.pt")
+    for s in periodic[:-keep] if keep else []:
+        os.remove(os.path.join(out, f"ckpt_{s}.pt"))
+
+
+def sample_grid(run, step, trace=None):
+    """samples_<step>.png: the EMA model on the rows of conditions(["all"]), --per-label each, from
+    fixed seeds, so that grids of different steps compare; `trace` keeps each row's first path."""
+    cond, drop, nrow = conditions(["all"], run.config["per_label"], run.meta, run.config)
+    callback = None if trace is None else tracer(trace, slice(None, None, nrow))
+    with autocast(run.dtype, run.device):
+        x = generate(run.ema, cond, drop, run.alphas_cumprod, run.shape, run.config["seed"],
+                     **sampling(run.config), columns=nrow, callback=callback)
+    save_grid(x, os.path.join(run.config["out_dir"], f"samples_{step}.png"), nrow)
+    if run.writer:
+        run.writer.add_image("samples", torchvision.utils.make_grid(x * 0.5 + 0.5, nrow=nrow), step)
+    return x
+
+
+def reconstruction(run, path, fracs=(0.25, 0.5, 0.75, 1.0)):
+    """reconstruction.png: up to 8 training images (rows), each noised to t = T/4, T/2, 3T/4, T-1
+    and restored by the EMA model with its own condition (w=1; columns x_t, restored). Returns the
+    mean squared error of the restored images per t."""
+    images, cond = run.train_set[torch.arange(min(8, len(run.train_set)))]
+    x0, T = to_model(images, run.device), len(run.alphas_cumprod)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).to(run.device)
+    drop = torch.full((len(x0),), run.config["uncond"])
+    cols, errors = [x0], {}
+    for t in [round(f * (T - 1)) for f in fracs]:
+        xt = q_sample(x0, torch.full((len(x0),), t, device=run.device), noise, run.alphas_cumprod)
+        with autocast(run.dtype, run.device):
+            x = generate(run.ema, cond, drop, run.alphas_cumprod, run.shape,
+                         **dict(sampling(run.config), w=1.0), x=xt, t_start=t)
+        cols += [xt.clamp(-1, 1), x]
+        errors[t] = round(F.mse_loss(x.float(), x0).item(), 4)
+    save_grid(torch.stack(cols, 1).flatten(0, 1), path, len(cols))
+    return errors
+
 
 def train(args, device, ddp, rank, world):
-    master = rank == 0
-    torch.manual_seed(args.seed + rank)
-    splits, classes = get_data(args)
-    images, labels = splits["train"]
-    n_classes = 0 if args.uncond else len(classes)
-    per_epoch = len(images) // world // args.batch_size  # DistributedSampler(drop_last) gives n // world per rank
-    if per_epoch == 0:
-        die(f"--batch-size {args.batch_size} is larger than the data set ({len(images) // world} images per device)")
-    total = args.iters or args.epochs * per_epoch
-    alphas_cumprod = torch.cumprod(1 - make_betas(args.schedule, args.steps), 0).float().to(device)
-    images = images.to(device) if args.data_on_device else images
-    raw = build_model(vars(args), n_classes).to(device).to(memory_format=torch.channels_last)
-    ema = copy.deepcopy(raw).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, weight_decay=0.0, fused=device.type == "cuda")
-    ckpt_path, step, epoch_sum, history = ckpt_file(args), 0, 0.0, {k: [] for k in HISTORY_KEYS}
-    if args.resume:
-        ck = load_checkpoint(ckpt_path, device)
-        load_weights(raw, ck["model"], ckpt_path)
-        load_weights(ema, ck["ema"], ckpt_path)
-        opt.load_state_dict(ck["opt"])
-        step, history, epoch_sum = ck["step"], ck["history"], ck["epoch_sum"]
-        torch.set_rng_state(ck["rng"][rank if len(ck["rng"]) == world else 0].cpu())
-    model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw
-    model = torch.compile(model) if args.compile else model
-    writer = None
-    if master:
-        os.makedirs(args.out_dir, exist_ok=True)
-        json.dump(vars(args), open(os.path.join(args.out_dir, "config.json"), "w"), indent=2)
-        if args.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                die("--tensorboard needs the tensorboard package: pip install tensorboard")
-            writer = SummaryWriter(os.path.join(args.out_dir, "tb"))
-        print(f"{sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, {len(images)} images, "
-              f"{per_epoch} steps per epoch, global batch {args.batch_size * world}, device {device}")
-    log = open(os.path.join(args.out_dir, "log.jsonl"), "a") if master else None
-    stream = batches(len(images), args.batch_size, per_epoch, args.seed, rank, world, step)
-    loss_sum, n_loss, t0, t_log = torch.zeros((), device=device), 0, time.time(), time.time()
-    pbar = tqdm(range(step, total), initial=step, total=total, disable=not master)
-    for step in pbar:
-        idx = next(stream)
-        x0 = to_model_input(images[idx.to(images.device)], device)
-        flip = (torch.rand(len(idx)) < 0.5).to(device)  # from the CPU RNG, which the checkpoint saves
-        x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
-        y = None if args.uncond else labels[idx].to(device, non_blocking=True)
-        lr = args.lr * min(1.0, (step + 1) / args.warmup)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        with autocast(args, device):
-            loss = p_losses(model, x0, y, alphas_cumprod, args.p_uncond, n_classes, args.loss)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
-        opt.step()
-        update_ema(ema, raw, min(args.ema, (1 + step) / (10 + step)))
-        loss_sum, n_loss, done = loss_sum + loss.detach(), n_loss + 1, step + 1
-        epoch_end, save = done % per_epoch == 0, done % args.ckpt_every == 0 or done == total
-        if done % args.log_every == 0 or save or epoch_end:
-            if ddp:
-                dist.all_reduce(loss_sum)
-            mean_loss = loss_sum.item() / n_loss / world
-            if not math.isfinite(mean_loss):  # stop before anything is saved; ckpt.pt stays the last good one
-                sys.exit(f"loss is {mean_loss} at step {done}; stopped, {ckpt_path} left as it was")
-            ips = n_loss * args.batch_size * world / (time.time() - t_log)
-            rec = dict(step=done, loss=mean_loss, lr=lr, img_per_s=ips, elapsed=time.time() - t0)
-            epoch_sum += mean_loss * n_loss
-            loss_sum, n_loss, t_log = torch.zeros((), device=device), 0, time.time()
-            if master:
-                pbar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.0f}")
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                for k in ("loss", "lr", "img_per_s") if writer else ():
-                    writer.add_scalar(k, rec[k], done)
-        if epoch_end:
-            if master:
-                end_of_epoch(raw, splits, alphas_cumprod, args, n_classes, history, epoch_sum / per_epoch,
-                             done // per_epoch - 1, writer)
-            epoch_sum = 0.0
-        if save:
-            rng = [torch.get_rng_state()] * world  # every rank's, so a resumed run continues each rank's stream
-            if ddp:
-                dist.all_gather_object(rng, rng[0])
-            if master:
-                state = dict(model=raw.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=done,
-                             config=vars(args), classes=classes, rng=rng, history=history, epoch_sum=epoch_sum)
-                save_checkpoint(ckpt_path, state)
-                if args.save_every and done % args.save_every == 0:
-                    save_checkpoint(os.path.join(args.out_dir, f"ckpt_{done}.pt"), state)
-                    prune_checkpoints(args.out_dir, args.keep)
-        if master and (done % args.sample_every == 0 or done == total):
-            rows = range(n_classes + 1) if n_classes else [0]  # one row per class, plus the unconditional one
-            grid = generate(ema, alphas_cumprod, [r for r in rows for _ in range(10)], args, n_classes, args.seed)
-            save_grid(grid, os.path.join(args.out_dir, f"samples_{done}.png"), 10)
-            if writer:
-                writer.add_image("samples", torchvision.utils.make_grid(grid * 0.5 + 0.5, nrow=10), done)
-    if master:
-        errors = reconstruction_figure(ema, images, labels, alphas_cumprod, args, n_classes,
-                                       os.path.join(args.out_dir, "reconstruction.png"))
-        print(f"done: {total} steps in {time.time() - t0:.0f}s, loss {mean_loss:.4f}, reconstruction MSE by t "
-              f"{ {t: round(e, 4) for t, e in errors.items()} } -> {args.out_dir}")
-    return ema, alphas_cumprod, n_classes
+    """Train with the command line's settings, saving as it goes; returns the run (for --fid)."""
+    run, master = build_run(args, device, rank, world), rank == 0
+    wrapped = run.model
+    if ddp:
+        wrapped = DDP(run.model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = torch.compile(wrapped) if args.compile else wrapped
+    lock_path = start_run(args, run, world) if master else None
+    try:
+        stream = loader(run.train_set, args.batch_size, args.seed, rank, world,
+                        run.step * args.accum, args.workers, device)
+        losses, run.t0, t_log = [], time.time(), time.time()
+        if master and "train" in EXTRAS:  # the source project's figures (last section)
+            EXTRAS["train"](run, run.step)
+        pbar = tqdm(range(run.step, run.total), initial=run.step, total=run.total,
+                    disable=not master)
+        for step in pbar:
+            # learning rate: linear warm-up, then constant or cosine decay (--lr-decay)
+            lr = get_lr(step, args.lr, args.warmup, run.total, args.lr_decay)
+            for group in run.opt.param_groups:
+                group["lr"] = lr
 
-def end_of_epoch(model, splits, alphas_cumprod, args, n_classes, history, train_loss, epoch, writer):
-    """Validation and test losses, appended with the epoch's mean training loss to loss_history.json (seed's shape)."""
-    val, test = (eval_loss(model.eval(), *splits[s], alphas_cumprod, args, n_classes) for s in ("val", "test"))
-    model.train()
-    for k, v in zip(HISTORY_KEYS, (train_loss, val, test, epoch)):
-        history[k].append(v)
-        if writer and k != "epochs":
-            writer.add_scalar(k, v, epoch)
-    json.dump(history, open(os.path.join(args.out_dir, "loss_history.json"), "w"), indent=2)
+            # forward, backward and update on --accum micro-batches, then the EMA (warmed up)
+            micro = [next(stream) for _ in range(args.accum)]
+            losses.append(train_step(model, wrapped, run, micro, ddp))
+            update_ema(run.ema, run.model, min(args.ema, (1 + step) / (10 + step)))
+            done = step + 1
+            last, periodic = done == run.total, args.save_every and done % args.save_every == 0
+            save = last or periodic or done % args.ckpt_every == 0
 
-def prune_checkpoints(out_dir, keep):
-    steps = sorted(int(f[5:-3]) for f in os.listdir(out_dir) if f.startswith("ckpt_") and f.endswith(".pt"))
-    for s in steps[:-keep] if keep else []:
-        os.remove(os.path.join(out_dir, f"ckpt_{s}.pt"))
+            # logging, also before every save: a non-finite loss stops the run before it
+            if done % args.log_every == 0 or save:
+                rec = log_record(losses, done, lr, time.time() - t_log, run, ddp, world)
+                losses, t_log = [], time.time()
+                if master:
+                    write_log(rec, run)
+                    pbar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.1f}")
+
+            # checkpoint: ckpt.pt (atomically), best.pt, ckpt_<step>.pt every --save-every steps
+            if save:
+                run.step = done
+                save_run(run, done, periodic, ddp, world, master)
+
+            # sample grid of the EMA model (the last one's denoising paths), the extras' figures
+            if master and (done % args.sample_every == 0 or last):
+                trace = [] if last else None
+                sample_grid(run, done, trace)
+                if last:
+                    path_figure(trace, os.path.join(args.out_dir, "reverse.png"))
+                t_log = time.time()  # images/s counts training only
+            if master and "train" in EXTRAS:
+                EXTRAS["train"](run, done)
+        if master:
+            errors = reconstruction(run, os.path.join(args.out_dir, "reconstruction.png"))
+            print(f"done: step {run.total} in {time.time() - run.t0:.0f}s, loss {rec['loss']:.4f}, "
+                  f"reconstruction MSE by t {errors} -> {args.out_dir}")
+    finally:
+        if lock_path:
+            os.remove(lock_path)
+    return run
 
 
-# ----------------------------------------------------------------------------- sampling entry point
+# ----------------------------------------------------------------------------- entry points
 
-def parse_labels(text, classes, n_classes):
-    """Class indices or names, 'uncond' (the null class) or 'all' (every class and uncond)."""
-    if n_classes == 0:
-        return [0]
-    if text == "all":
-        return list(range(n_classes + 1))
-    out = []
-    for s in (s.strip() for s in text.split(",")):
-        if not (s == "uncond" or s in classes or s.isdigit() and int(s) < n_classes):
-            die(f"--labels: unknown class {s!r} (use 0-{n_classes - 1}, a class name, 'uncond' or 'all')")
-        out.append(n_classes if s == "uncond" else classes.index(s) if s in classes else int(s))
-    return out
-
-def sample_main(args, device):
-    path = args.ckpt or ckpt_file(args)
+def load_run(path, device, dtype):
+    """A trained run from its checkpoint: the EMA model, built from the checkpoint's own config and
+    meta, with the run's noise schedule."""
     ck = load_checkpoint(path, device)
-    cfg = ck["config"]
-    n_classes = 0 if cfg["uncond"] else len(ck["classes"])
-    model = build_model(cfg, n_classes).to(device).to(memory_format=torch.channels_last).eval()
-    load_weights(model, ck["ema"], path)
-    alphas_cumprod = torch.cumprod(1 - make_betas(cfg["schedule"], cfg["steps"]), 0).float().to(device)
-    labels = parse_labels(args.labels, ck["classes"], n_classes)
-    labels, nrow = ([labels[i % len(labels)] for i in range(args.num_samples)], 10) if args.num_samples else (
-        [lab for lab in labels for _ in range(args.n)], args.n)
+    run = new_run(ck["config"], ck["meta"], device, dtype)
+    load_weights(run.ema, ck["ema"], path)
+    run.ckpt, run.step = path, ck["step"]
+    return run
+
+
+def sample_main(run, args):
+    """--sample: samples.png (--labels, --per-label of each, with the command line's settings but
+    the run's --uncond), reverse.png (the rows' denoising paths) and with --gif denoise.gif,
+    unless the source project's extras draw instead."""
+    config = dict(vars(args), uncond=run.config["uncond"])
+    cond, drop, nrow = conditions(args.labels, args.per_label, run.meta, config)
+    if "sample" in EXTRAS and EXTRAS["sample"](run, args):
+        return
     os.makedirs(args.out_dir, exist_ok=True)
-    with autocast(args, device):
-        if args.cfg_sweep:  # the seed's guidance-scale comparison: one row per W, the same seeds in every row
-            try:
-                scales = [float(s) for s in args.cfg_sweep.split(",")]
-            except ValueError:
-                scales = [-1.0]
-            if n_classes == 0 or min(scales) < 0:
-                die("--cfg-sweep needs a conditional model and guidance scales >= 0, e.g. 0,3,7")
-            rows = [generate(model, alphas_cumprod, labels, args, n_classes, args.seed, cfg=w) for w in scales]
-            save_grid(torch.cat(rows), os.path.join(args.out_dir, "cfg_sweep.png"), len(labels))
-            print(f"wrote rows for W = {scales} to {args.out_dir}/cfg_sweep.png")
-            return model, alphas_cumprod, n_classes
-        trace = []
-        x = generate(model, alphas_cumprod, labels, args, n_classes, args.seed, trace)
-        save_grid(x, os.path.join(args.out_dir, "samples.png"), nrow)
-        if args.gif:
-            save_gif(trace, os.path.join(args.out_dir, "denoise.gif"), nrow)
-    print(f"wrote {len(x)} samples (step {ck['step']}, cfg {args.cfg}) to {args.out_dir}/samples.png")
-    return model, alphas_cumprod, n_classes
+    trace = []
+    with autocast(run.dtype, run.device):
+        x = generate(run.ema, cond, drop, run.alphas_cumprod, run.shape, args.seed,
+                     **sampling(config), columns=nrow, callback=tracer(trace))
+    save_grid(x, os.path.join(args.out_dir, "samples.png"), nrow)
+    path_figure([x[::nrow] for x in trace], os.path.join(args.out_dir, "reverse.png"))
+    if args.gif:
+        save_gif(trace, os.path.join(args.out_dir, "denoise.gif"), nrow)
+    print(f"wrote {len(x)} samples of step {run.step} to {args.out_dir}/samples.png")
+
+
+def fid_reference(config, n):
+    """The real images --fid compares with (get_data's "fid" split), checked before any sampling."""
+    if not n:
+        return None
+    ref, meta = get_data(config, "fid")
+    if n > len(ref):
+        die(f"--fid {n}: the reference set ({meta['fid_ref']}) has only {len(ref)} images")
+    return ref, meta["fid_ref"]
+
+
+def run_fid(run, args, ref, rank, world, batch_size=250):
+    """fid.json: FID and Inception Score of --fid samples against as many reference images, each
+    sample conditioned as its reference image (each rank makes and measures its share, fid.evaluate
+    sums the statistics over the ranks); real_vs_fake.png to look at."""
+    import fid  # only here: the script runs without fid.py
+    data, name = ref
+    mine = torch.arange(rank, args.fid, world).split(batch_size)
+    drop = torch.full((batch_size,), run.config["uncond"])
+
+    def fake():
+        for i in mine:
+            with autocast(run.dtype, run.device):
+                x = generate(run.ema, data[i][1], drop[:len(i)], run.alphas_cumprod, run.shape,
+                             args.seed + 1 + int(i[0]), **sampling(vars(args)))
+            yield ((x.float() + 1) * 127.5).round().byte()  # uint8, as the PNGs papers measure
+    # the TF graph's preprocessing (fid.py's mode "tf"): FID comparable with the papers' numbers
+    cache = f"fid_stats_{name}_{run.shape[-1]}px_{args.fid}_tf.npz"
+    cache = os.path.join(run.config["data_dir"], cache)
+    try:
+        res = fid.evaluate(fake(), (data[i][0] for i in mine), sum(map(len, mine)), mode="tf",
+                           cache=None if name == "image-folder" else cache, inception_score=True,
+                           weights=args.fid_weights, device=run.device)
+    except (ValueError, RuntimeError, OSError) as e:
+        die(f"--fid: {str(e).splitlines()[0]}")
+    if rank == 0:
+        res = dict(fid_score=res["fid"], inception_score_mean=res["inception_score_mean"],
+                   inception_score_std=res["inception_score_std"], num_samples=res["n"],
+                   reference=name, mode=res["mode"], checkpoint=run.ckpt, step=run.step,
+                   **sampling(vars(args)))
+        with open(os.path.join(args.out_dir, "fid.json"), "w") as f:
+            json.dump(res, f, indent=2)
+        images, cond = data[torch.arange(10)]  # a look: ten real images above ten samples
+        with autocast(run.dtype, run.device):
+            x = generate(run.ema, cond, drop[:10], run.alphas_cumprod, run.shape, args.seed,
+                         **sampling(vars(args)))
+        save_grid(torch.cat([to_model(images, run.device), x]),
+                  os.path.join(args.out_dir, "real_vs_fake.png"), 10)
+        print(f"FID {res['fid_score']:.2f}, IS {res['inception_score_mean']:.2f} of {args.fid} "
+              f"samples against {name} -> {args.out_dir}/fid.json")
+
 
 def main(argv=None):
     args = get_args(argv)
-    device, ddp, rank, world = setup(args)
-    if args.sample:
-        model, alphas_cumprod, n_classes = sample_main(args, device)
-    else:
-        model, alphas_cumprod, n_classes = train(args, device, ddp, rank, world)
-    if args.fid:
-        run_fid(args, model, alphas_cumprod, n_classes, rank, world)
-    if ddp:
-        dist.destroy_process_group()
+    device, ddp, rank, world = setup(args.device)
+    try:
+        if args.sample:  # the checkpoint's run; only rank 0 writes samples
+            run = load_run(args.ckpt or os.path.join(args.out_dir, "ckpt.pt"), device,
+                           amp_dtype(args.dtype, device))
+            ref = fid_reference(dict(run.config, data_dir=args.data_dir), args.fid)
+            if rank == 0:
+                sample_main(run, args)
+        else:
+            ref = fid_reference(vars(args), args.fid)
+            run = train(args, device, ddp, rank, world)
+        if args.fid:
+            run_fid(run, args, ref, rank, world)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- seed 001's extras
+
+HISTORY = ("train_loss", "val_loss", "test_loss", "epochs")  # loss_history.json, the seed's shape
+
+
+def logged_loss(out_dir, start, end):
+    """The mean training loss of steps start+1..end as log.jsonl has it: each line's mean weighted
+    by its steps in that range (exact when --log-every divides the range; None: no line there)."""
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        records = [r for r in map(json.loads, f) if "loss" in r]
+    total, n, prev = 0.0, 0, 0
+    for r in records:  # a line holds the mean of the steps since the line before
+        k = min(r["step"], end) - max(prev, start)
+        if k > 0:
+            total, n = total + r["loss"] * k, n + k
+        prev = r["step"]
+    return total / n if n else None
+
+
+def loss_history(run, step):
+    """loss_history.json, written when the run starts and after every epoch: the epoch's mean
+    training loss, and the model's (not the EMA's) loss on the held-out and on the test images
+    (fixed noise; null where the run has no such images). Kept in run.state: --resume goes on."""
+    history = run.state.setdefault("history", {k: [] for k in HISTORY})
+    first = not hasattr(run, "test_set")
+    if first:  # an image folder has no test split
+        run.test_set = [] if run.config["image_folder"] else get_data(run.config, "test")[0]
+    per_epoch = max(run.per_epoch, 1)
+    epoch = step // per_epoch - 1
+    ends = step % per_epoch == 0 and epoch == len(history["epochs"])
+    if ends:
+        history["epochs"].append(epoch)
+        history["train_loss"].append(logged_loss(run.config["out_dir"], step - per_epoch, step))
+        run.model.eval()  # no dropout
+        for key, data in (("val_loss", run.val_set), ("test_loss", run.test_set)):
+            loss = None
+            if len(data):
+                loss = eval_loss(run.model, data, run.alphas_cumprod, run.config, run.dtype)
+            history[key].append(loss)
+        run.model.train()
+    if first or ends:
+        with open(os.path.join(run.config["out_dir"], "loss_history.json"), "w") as f:
+            json.dump(history, f, indent=2)
+
+
+def seed_train(run, step):
+    """The loss history; at the end, with --run-name, the seed's layout: models/NAME/ckpt.pt."""
+    loss_history(run, step)
+    if run.config["run_name"] and step == run.total:
+        path = os.path.join("models", run.config["run_name"], "ckpt.pt")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        shutil.copyfile(run.ckpt, f"{path}.tmp")
+        os.replace(f"{path}.tmp", path)  # whole or not at all, as ckpt.pt
+
+
+def guidance_scales(text):
+    """--cfg-sweep's value: guidance scales W >= 0, comma-separated."""
+    scales = [float(w) for w in text.split(",")]
+    if min(scales) < 0:
+        raise ValueError(text)
+    return scales
+
+
+def seed_sample(run, args):
+    """--total-samples N (the seed's --num_samples): N samples in all, the --labels repeated, 10 to
+    a row, in samples.png; --cfg-sweep: cfg_sweep.png, a row per guidance scale W from the same
+    seeds. Returns whether it wrote either."""
+    if not (args.total_samples or args.cfg_sweep):
+        return False
+    if args.total_samples < 0:
+        die(f"--total-samples {args.total_samples}: must be >= 0")
+    if args.cfg_sweep and run.config["uncond"]:
+        die("--cfg-sweep: this model is unconditional (trained with --uncond)")
+    per_label = 1 if args.total_samples else args.per_label
+    cond, drop, nrow = conditions(args.labels, per_label, run.meta, run.config)
+    if args.total_samples:
+        i = torch.arange(args.total_samples) % len(cond)
+        cond, drop, nrow = cond[i], drop[i], 10
+    rows = []
+    columns = None if args.total_samples else nrow  # the sweep: samples.png's noise in every row
+    for w in args.cfg_sweep or [args.cfg]:
+        with autocast(run.dtype, run.device):
+            rows.append(generate(run.ema, cond, drop, run.alphas_cumprod, run.shape, args.seed,
+                                 **dict(sampling(vars(args)), w=w), columns=columns))
+    name, nrow = ("cfg_sweep.png", len(cond)) if args.cfg_sweep else ("samples.png", nrow)
+    os.makedirs(args.out_dir, exist_ok=True)
+    save_grid(torch.cat(rows), os.path.join(args.out_dir, name), nrow)
+    print(f"wrote {len(rows)} x {len(cond)} samples of step {run.step} to {args.out_dir}/{name}")
+    return True
+
+
+EXTRAS.update(
+    flags=[("--cfg-sweep", dict(type=guidance_scales, help="--sample: cfg_sweep.png, a row per W, "
+                                "e.g. 0,3,7")),
+           ("--total-samples", dict(type=int, default=0, help="--sample: N in all, cycling "
+                                    "--labels, 10 a row (seed's --num_samples)")),
+           ("--run-name", dict(help="the seed's layout: ckpt.pt copied to models/NAME/ckpt.pt"))],
+    spellings={"--batch_size": "--batch-size", "--timesteps": "--steps", "--p_uncond": "--p-uncond",
+               "--log_interval": "--log-every", "--guidance_scale": "--cfg",
+               "--sample_classes": "--labels", "--inference": "--sample", "--model_path": "--ckpt",
+               "--save_dir": "--out-dir", "--num_samples": "--total-samples",
+               "--run_name": "--run-name", "--no_cuda": "--device=cpu",
+               "--conditional": None, "--save_model": None},  # conditional and saved: always
+    train=seed_train, sample=seed_sample)
 
 
 if __name__ == "__main__":

@@ -1,152 +1,240 @@
-"""Train a class-conditional Diffusion Transformer (DiT, grouped-query attention) on CIFAR-10 with
-classifier-free guidance, on one device or many with torchrun, then sample and evaluate it.
+"""Train a class-conditional Diffusion Transformer (DiT with grouped-query attention) on CIFAR-10
+with classifier-free guidance, on one device or many with torchrun, then sample and evaluate it.
 
-    python cifar_dit_ddp.py                                   # train; CIFAR-10 is downloaded into ./data
-    torchrun --nproc_per_node=4 cifar_dit_ddp.py              # 4 GPUs: global batch = 4 x --batch-size
+    python cifar_dit_ddp.py                             # train; CIFAR-10 is downloaded into ./data
+    torchrun --nproc_per_node=4 cifar_dit_ddp.py        # 4 GPUs: global batch 4 x --batch-size
     torchrun --nnodes=2 --nproc_per_node=4 --node-rank=0 --rdzv-backend=c10d \\
-        --rdzv-endpoint=HOST:29500 cifar_dit_ddp.py           # two machines (node-rank 1 on the other)
-    python cifar_dit_ddp.py --sample --labels 3,5 --cfg 2     # sample from out/cifar_dit_ddp/ckpt.pt
-    torchrun --nproc_per_node=4 cifar_dit_ddp.py --eval --ckpt out/cifar_dit_ddp/best.pt --fid 5000 --is
+        --rdzv-endpoint=HOST:29500 cifar_dit_ddp.py     # two machines (node-rank 1 on the other)
+    python cifar_dit_ddp.py --sample --labels cat,dog   # sample from out/cifar_dit_ddp/ckpt.pt
+    python cifar_dit_ddp.py --sample --ckpt out/cifar_dit_ddp/best.pt --fid 50000   # FID and IS
 
-Follows seed 002, "Class-Conditioned Diffusion Model on CIFAR-10" (DiT, GQA, fused time+class token, DDP,
-best/periodic checkpoints, timed loss curve, FID/IS evaluation), with the shared command line (SPEC.md).
+Follows seed 002, "Class-Conditioned Diffusion Model on CIFAR-10" (DiT, GQA, fused time+class token,
+DDP, best and periodic checkpoints, timed loss curve, FID and IS), with the collection's shared
+command line (SPEC.md).
 """
 import argparse
 import copy
 import json
 import math
 import os
+import shutil
+import socket
 import sys
 import time
 from contextlib import nullcontext
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DistributedSampler
 from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
 from tqdm import tqdm
 
-IMAGE_SIZE, CHANNELS, EMB = 32, 3, 128  # EMB: sinusoidal/class embedding size before the seed's MLPs
+# ----------------------------------------------------------------------------- config
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("data")
-    g.add_argument("--data-dir", default="./data", help="where CIFAR-10 lives or is downloaded to")
-    g.add_argument("--image-folder", default=None, help="your own images, one sub-folder per class (32x32)")
-    g.add_argument("--limit", type=int, default=0, help="use only the first N training images (0: all)")
-    g.add_argument("--val-size", type=int, default=1000, help="last N train images (max a tenth) held out for best.pt")
-    g.add_argument("--data-on-device", action="store_true", help="keep the uint8 data set on the GPU")
-    g = p.add_argument_group("model")
-    g.add_argument("--width", "--hidden-dim", type=int, default=384, help="transformer hidden size")
-    g.add_argument("--depth", type=int, default=12, help="transformer blocks")
-    g.add_argument("--heads", "--num-heads", type=int, default=8, help="query heads")
-    g.add_argument("--kv-heads", type=int, default=2, help="key/value heads (GQA; = --heads is plain MHA)")
-    g.add_argument("--patch", type=int, default=4, help="patch size in pixels (4: 64 tokens)")
-    g.add_argument("--cond", choices=["token", "adaln"], default="adaln", help="seed's time+class token or adaLN-Zero")
-    g = p.add_argument_group("diffusion")
-    g.add_argument("--steps", "--num-steps", type=int, default=1000, help="diffusion timesteps T")
-    g.add_argument("--schedule", choices=["linear", "cosine"], default="linear", help="noise schedule")
-    g.add_argument("--p-uncond", type=float, default=0.1, help="probability of dropping the class")
-    g = p.add_argument_group("training")
-    g.add_argument("--epochs", "--num-epochs", type=int, default=40, help="passes over the training set")
-    g.add_argument("--iters", type=int, default=0, help="optimizer steps; overrides --epochs when > 0")
-    g.add_argument("--batch-size", type=int, default=32, help="images per micro-batch per device")
-    g.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--lr", "--learning-rate", type=float, default=2e-4, help="AdamW learning rate after warm-up")
-    g.add_argument("--warmup", type=int, default=500, help="linear learning-rate warm-up, steps")
-    g.add_argument("--ema", type=float, default=0.9999, help="EMA decay (warmed up as (1+n)/(10+n))")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
-    g.add_argument("--seed", type=int, default=0, help="random seed; runs are repeatable")
-    g.add_argument("--log-every", type=int, default=50, help="steps between log.jsonl lines")
-    g.add_argument("--sample-every", type=int, default=5000, help="steps between samples_<step>.png grids")
-    g.add_argument("--ckpt-every", type=int, default=1000, help="steps between ckpt.pt saves (and each epoch)")
-    g.add_argument("--save-every", type=int, default=0, help="also keep ckpt_<step>.pt every N epochs (seed: 40)")
-    g.add_argument("--keep", type=int, default=0, help="keep at most K periodic checkpoints (0: all)")
-    g.add_argument("--recon-t", type=float, default=0.3, help="reconstruction.png's noise level t0 / T")
-    g.add_argument("--resume", action="store_true", help="continue from the run's ckpt.pt")
-    g = p.add_argument_group("sampling and evaluation")
-    g.add_argument("--sample", action="store_true", help="no training: sample from --ckpt")
-    g.add_argument("--eval", action="store_true", help="no training: FID (and --is) of --ckpt")
-    g.add_argument("--ckpt", "--checkpoint", default=None, help="checkpoint (default: the run's ckpt.pt)")
-    g.add_argument("--labels", default="all", help="comma-separated class indices or names, 'uncond', or 'all'")
-    g.add_argument("--n", type=int, default=10, help="samples per label with --sample")
-    g.add_argument("--cfg", "--guidance-scale", type=float, default=2.0,
-                   help="guidance W: eps_u + W*(eps_c - eps_u); 0 uncond, 1 cond")
-    g.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], default="ddim", help="reverse process")
-    g.add_argument("--sample-steps", type=int, default=50, help="steps K of ddim/dpmpp (ddpm uses T)")
-    g.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 ancestral")
-    g.add_argument("--gif", action="store_true", help="with --sample, also write denoise.gif")
-    g.add_argument("--fid", "--num-samples", type=int, default=0, help="FID from N samples against the train set")
-    g.add_argument("--is", "--calculate-is", dest="inception", action="store_true", help="also Inception Score")
-    g.add_argument("--fid-weights", default="download", help="FID Inception weights: download or a path")
-    g = p.add_argument_group("system")
-    g.add_argument("--out-dir", default="out/cifar_dit_ddp", help="where everything is written")
-    g.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
-    g.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on CUDA, else fp32")
-    g.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
-    g.add_argument("--tensorboard", action="store_true", help="also log to <out-dir>/tb")
-    g.add_argument("--config", default=None, help="a run's config.json to use as defaults")
-    args = p.parse_args(argv)
-    if args.config:  # a saved config becomes the defaults; flags given on the command line still win
-        if not os.path.isfile(args.config):
-            die(f"--config: no such file {args.config}")
-        modes = ("config", "resume", "sample", "eval")  # a rerun is a new run unless asked
-        p.set_defaults(**{k: v for k, v in json.load(open(args.config)).items() if k not in modes})
-        args = p.parse_args(argv)
-    for flag, ok in [("--steps", args.steps > 0), ("--cfg", args.cfg >= 0), ("--epochs", args.epochs > 0),
-                     ("--iters", args.iters >= 0), ("--sample-steps", args.sample_steps > 0), ("--n", args.n > 0),
-                     ("--batch-size", args.batch_size > 0), ("--accum", args.accum > 0),
-                     ("--p-uncond", 0 <= args.p_uncond < 1), ("--heads", args.width % args.heads == 0),
-                     ("--kv-heads", 0 < args.kv_heads <= args.heads and args.heads % args.kv_heads == 0),
-                     ("--patch", IMAGE_SIZE % args.patch == 0), ("--recon-t", 0 < args.recon_t < 1),
-                     ("--fid", not args.eval or args.fid > 1)]:
-        if not ok:
-            die(f"{flag} is out of range (see --help)")
-    return args
+NAME = "cifar_dit_ddp"  # names the output folder; checkpoints record it
+DEFAULTS = dict(  # this script's values of the flags whose defaults differ between the five scripts
+    width=384, depth=12, dropout=0.0, steps=1000, schedule="linear", p_uncond=0.1, iters=62500,
+    batch_size=32, lr=2e-4, lr_decay="none", warmup=500, weight_decay=0.0, ema=0.9999,
+    val_size=1000, workers=0, log_every=50, sample_every=5000, ckpt_every=1000, cfg=2.0,
+    per_label=10, sample_steps=50, eta=0.0)  # iters: the seed's 40 epochs of 1,562 steps
+OWN_FLAGS = [  # this script's flags beyond the collection's: (flag, argparse keywords)
+    ("--heads", dict(type=int, default=8, help="query heads of the attention")),
+    ("--kv-heads", dict(type=int, default=2, help="key/value heads (GQA; = --heads: plain MHA)")),
+    ("--patch", dict(type=int, default=4, help="patch size in pixels (4: 8x8 = 64 tokens)")),
+    ("--cond-token", dict(action="store_true",
+                          help="the seed's fused time+class token in front of the patches "
+                               "instead of DiT's adaLN-Zero"))]
+EXTRAS = {}  # the source project's extras register here (last section); the rest runs without them
+
 
 def die(msg):
+    """Bad input: one line on stderr, exit status 2."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
+
+def get_args(argv=None):
+    """SPEC's flags with this script's DEFAULTS, its OWN_FLAGS and its source project's spellings;
+    --config's settings become defaults that the command line overrides."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.error = die  # argparse's own errors in one line too
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", default="./data", help="where the data set is or is downloaded to")
+    g.add_argument("--image-folder", help="train on your own images, one sub-folder per class")
+    g.add_argument("--limit", type=int, default=0, help="use the first N training images (0: all)")
+    g.add_argument("--val-size", type=int, help="images held out for the validation loss, best.pt")
+    g.add_argument("--workers", type=int, help="DataLoader processes that decode images")
+    g = p.add_argument_group("model and diffusion")
+    g.add_argument("--width", type=int, help="base channels (U-Net) or hidden size (DiT)")
+    g.add_argument("--depth", type=int, help="blocks per resolution (U-Net) or in all (DiT)")
+    g.add_argument("--dropout", type=float, help="dropout probability in the blocks")
+    g.add_argument("--steps", type=int, help="diffusion timesteps T of the noise schedule")
+    g.add_argument("--schedule", choices=["linear", "cosine", "sigmoid"], help="noise schedule")
+    g.add_argument("--p-uncond", type=float, help="probability of dropping the condition (CFG)")
+    g.add_argument("--uncond", action="store_true", help="plain DDPM: the condition is never used")
+    g.add_argument("--loss", choices=["mse", "l1"], default="mse", help="loss on the prediction")
+    g = p.add_argument_group("training")
+    g.add_argument("--iters", type=int, help="optimizer steps")
+    g.add_argument("--epochs", type=int, default=0, help="passes over the data (0: --iters)")
+    g.add_argument("--batch-size", type=int, help="images per micro-batch and device")
+    g.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, help="AdamW learning rate after the warm-up")
+    g.add_argument("--lr-decay", choices=["none", "cosine"], help="after the warm-up: to 0 or not")
+    g.add_argument("--warmup", type=int, help="steps of linear learning-rate warm-up")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="largest gradient norm (0: off)")
+    g.add_argument("--ema", type=float, help="EMA decay, warmed up as (1 + n) / (10 + n)")
+    g.add_argument("--seed", type=int, default=0, help="random seed: runs are repeatable")
+    g.add_argument("--log-every", type=int, help="steps between log.jsonl lines")
+    g.add_argument("--sample-every", type=int, help="steps between samples_<step>.png grids")
+    g.add_argument("--ckpt-every", type=int, help="steps between ckpt.pt saves")
+    g.add_argument("--save-every", type=int, default=0, help="steps between kept ckpt_<step>.pt")
+    g.add_argument("--keep", type=int, default=0, help="keep the newest K ckpt_<step>.pt (0: all)")
+    g.add_argument("--resume", action="store_true", help="continue from the run's ckpt.pt")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--sample", action="store_true", help="no training: sample from --ckpt")
+    g.add_argument("--ckpt", help="checkpoint to sample from (default: the run's ckpt.pt)")
+    g.add_argument("--labels", nargs="+", default=["all"], help="what to sample (see conditions)")
+    g.add_argument("--per-label", type=int, help="samples of each label with --sample (a row)")
+    g.add_argument("--cfg", type=float, help="guidance W: e_u + W (e_c - e_u); 0 uncond, 1 cond")
+    g.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], default="ddim",
+                   help="ancestral DDPM on all T steps, DDIM or DPM-Solver++(2M) on --sample-steps")
+    g.add_argument("--sample-steps", type=int, help="steps K of ddim and dpmpp")
+    g.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic, 1 ancestral")
+    g.add_argument("--gif", action="store_true", help="with --sample, also write denoise.gif")
+    g.add_argument("--fid", type=int, default=0, help="FID and IS of N samples (fid.json)")
+    g.add_argument("--fid-weights", default="download", help="Inception weights: download, a path")
+    g = p.add_argument_group("system")
+    g.add_argument("--out-dir", default=f"out/{NAME}", help="where everything is written")
+    g.add_argument("--device", choices=["cuda", "mps", "cpu"], help="default: the best present")
+    g.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="autocast; auto: bf16 on CUDA 8.0+, fp16 on older CUDA, else fp32")
+    g.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
+    g.add_argument("--tensorboard", action="store_true", help="also log to <out-dir>/tb")
+    g.add_argument("--config", help="a run's config.json: its settings become the defaults")
+    g = p.add_argument_group(f"{NAME} and its source project")
+    for flag, kw in OWN_FLAGS + EXTRAS.get("flags", []):
+        g.add_argument(flag, **kw)
+    p.set_defaults(**DEFAULTS)
+    spellings = EXTRAS.get("spellings", {})  # the source project's flag names -> ours (None: drop)
+    argv = [spellings.get(a, a) for a in (sys.argv[1:] if argv is None else argv)]
+    argv = [a for a in argv if a is not None]
+    args = p.parse_args(argv)
+    if args.config:  # a new run with a saved run's settings: never its --resume or --sample
+        try:
+            with open(args.config) as f:
+                config = dict(json.load(f), config=None, resume=False, sample=False)
+        except (OSError, ValueError, TypeError) as e:
+            die(f"--config {args.config}: not a readable config.json ({type(e).__name__})")
+        unknown = sorted(set(config) - set(vars(args)))
+        if unknown:
+            die(f"--config {args.config}: not a config of {NAME}.py (has {unknown[0]!r})")
+        p.set_defaults(**config)
+        args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(a):
+    """The range of every number, in one table: the first one outside ends the run, in one line."""
+    checks = [("--steps", a.steps > 0, "> 0"), ("--iters", a.iters > 0, "> 0"),
+              ("--epochs", a.epochs >= 0, ">= 0"), ("--batch-size", a.batch_size > 0, "> 0"),
+              ("--accum", a.accum > 0, "> 0"), ("--lr", a.lr > 0, "> 0"),
+              ("--warmup", a.warmup >= 0, ">= 0"), ("--weight-decay", a.weight_decay >= 0, ">= 0"),
+              ("--grad-clip", a.grad_clip >= 0, ">= 0"), ("--ema", 0 <= a.ema < 1, "in [0, 1)"),
+              ("--p-uncond", 0 <= a.p_uncond < 1, "in [0, 1)"), ("--width", a.width > 0, "> 0"),
+              ("--depth", a.depth > 0, "> 0"), ("--dropout", 0 <= a.dropout < 1, "in [0, 1)"),
+              ("--limit", a.limit >= 0, ">= 0"), ("--val-size", a.val_size >= 0, ">= 0"),
+              ("--workers", a.workers >= 0, ">= 0"), ("--log-every", a.log_every > 0, "> 0"),
+              ("--sample-every", a.sample_every > 0, "> 0"), ("--keep", a.keep >= 0, ">= 0"),
+              ("--ckpt-every", a.ckpt_every > 0, "> 0"), ("--cfg", a.cfg >= 0, ">= 0"),
+              ("--save-every", a.save_every >= 0, ">= 0"), ("--per-label", a.per_label > 0, "> 0"),
+              ("--sample-steps", a.sample_steps > 0, "> 0"), ("--eta", 0 <= a.eta <= 1, "in [0,1]"),
+              ("--fid", a.fid == 0 or a.fid >= 10, "0 or >= 10 (IS splits the samples in 10)")]
+    for flag, ok, rule in checks:
+        if not ok:
+            die(f"{flag} {getattr(a, flag[2:].replace('-', '_'))}: must be {rule}")
+
+
 # ----------------------------------------------------------------------------- data
-def get_data(args):
-    """The whole training set as uint8 [N, 3, 32, 32] plus labels [N] and the class names."""
-    if args.image_folder:
-        if not os.path.isdir(args.image_folder):
-            die(f"--image-folder: no such folder {args.image_folder}")
-        T = torchvision.transforms
-        tf = T.Compose([T.Resize(IMAGE_SIZE), T.CenterCrop(IMAGE_SIZE), T.PILToTensor()])
+
+META = dict(classes=["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                     "ship", "truck"], channels=3, size=32, hflip=True, fid_ref="cifar10-train")
+
+
+def get_data(config, split="train"):
+    """(data set of (uint8 [3, 32, 32] image, label) pairs, meta): CIFAR-10's 50,000 training
+    images, for split="fid" too (CIFAR-10's standard FID reference is its training set); or
+    --image-folder (its own reference)."""
+    if config["image_folder"]:
+        images, labels, classes = image_folder(config["image_folder"], 32, 3)
+        return TensorDataset(images, labels), dict(META, classes=classes, fid_ref="image-folder")
+    root = config["data_dir"]
+    ds = download_once(lambda: torchvision.datasets.CIFAR10(root, train=True, download=True),
+                       f"put the extracted cifar-10-batches-py folder (data_batch_1..5, "
+                       f"test_batch, batches.meta) in {root}/")
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # [N, 32, 32, 3] stored
+    return TensorDataset(images, torch.tensor(ds.targets)), dict(META, classes=ds.classes)
+
+
+def conditions(labels, per_label, meta, config):
+    """(cond, drop, row length) of --labels: class names or indices, 'uncond', or 'all'."""
+    return label_conds(labels, per_label, meta, config["uncond"])
+
+
+def image_folder(path, size, channels):
+    """uint8 [N, C, size, size] images (resized, centre-cropped), labels and class names of an
+    ImageFolder tree, in a fixed random order (so that --limit and the held-out images see every
+    class). An unreadable image stops the start, naming the file."""
+    if not os.path.isdir(path):
+        die(f"--image-folder {path}: not a folder")
+    tf = torchvision.transforms
+    resize = tf.Compose([tf.Resize(size), tf.CenterCrop(size), tf.PILToTensor()])
+    try:
+        ds = torchvision.datasets.ImageFolder(path)
+    except (FileNotFoundError, RuntimeError) as e:
+        die(f"--image-folder {path}: {e}".splitlines()[0])
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0)).tolist()
+    images = []
+    for i in tqdm(order, desc="reading images", leave=False, disable=None):  # None: on a terminal
         try:
-            ds = torchvision.datasets.ImageFolder(args.image_folder, transform=tf)
-        except (FileNotFoundError, RuntimeError) as e:
-            die(f"--image-folder {args.image_folder}: {e}".splitlines()[0])
-        # a folder is sorted by class: mix it once (fixed seed) so --limit and the hold-out see every class
-        order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))
-        images = torch.stack([ds[i][0] for i in order])
-        labels, classes = torch.tensor(ds.targets)[order], ds.classes
-    else:
-        wait = dist.is_initialized() and int(os.environ.get("LOCAL_RANK", 0)) > 0  # one download per machine:
-        if wait:  # the other ranks wait for local rank 0 (which reaches the barrier after its download)
-            dist.barrier()
-        try:
-            ds = torchvision.datasets.CIFAR10(args.data_dir, train=True, download=True)
-        except Exception as e:  # no network: say where the files go
-            die(f"could not get CIFAR-10 ({type(e).__name__}); put the extracted cifar-10-batches-py folder "
-                f"(data_batch_1..5, test_batch, batches.meta) in {args.data_dir}/")
-        if dist.is_initialized() and not wait:
-            dist.barrier()
-        images, labels, classes = torch.from_numpy(ds.data).permute(0, 3, 1, 2), torch.tensor(ds.targets), ds.classes
-    if args.limit:
-        images, labels = images[:args.limit], labels[:args.limit]
-    return images.contiguous(), labels, classes
+            with Image.open(ds.samples[i][0]) as im:
+                images.append(resize(im.convert("L" if channels == 1 else "RGB")))
+        except OSError as e:
+            die(f"--image-folder: {ds.samples[i][0]} is not a readable image ({e})")
+    return torch.stack(images), torch.tensor(ds.targets)[order], ds.classes
+
+
+def download_once(fetch, where):
+    """A torchvision data set, downloaded by one process per machine while the others wait."""
+    wait = dist.is_initialized() and int(os.environ.get("LOCAL_RANK", 0)) > 0
+    if wait:
+        dist.barrier()
+    try:
+        ds = fetch()
+    except Exception as e:  # no network, or broken files: say which files go where
+        die(f"could not read or download the data set ({type(e).__name__}); {where}")
+    if dist.is_initialized() and not wait:
+        dist.barrier()
+    return ds
+
+
+def split_data(data, limit, val_size):
+    """(train, val): the last val_size images (at most a tenth) held out, the same in every run;
+    train: the first --limit of the others (0: all)."""
+    n = len(data) - min(val_size, len(data) // 10)
+    return Subset(data, torch.arange(min(limit or n, n))), Subset(data, torch.arange(n, len(data)))
+
 
 def batches(n, batch_size, seed, rank, world, start):
-    """Index micro-batches forever, epoch after epoch; the same seed and position give the same batch."""
+    """Index batches forever, epoch after epoch, each rank its share; the same seed and start give
+    the same batches, so --resume continues mid-epoch."""
     sampler = DistributedSampler(range(n), world, rank, shuffle=True, seed=seed, drop_last=True)
     per_epoch = len(sampler) // batch_size
     epoch, skip = divmod(start, per_epoch)
@@ -157,21 +245,42 @@ def batches(n, batch_size, seed, rank, world, start):
             yield idx[b * batch_size:(b + 1) * batch_size]
         epoch, skip = epoch + 1, 0
 
+
+def loader(data, batch_size, seed, rank, world, start, workers, device):
+    """(uint8 images, conditions) batches from batch `start` on, fetched by `workers` processes; its
+    own generator leaves the global random stream alone (exact --resume)."""
+    if len(data) // world < batch_size:
+        die(f"--batch-size {batch_size} is larger than the data set ({len(data) // world} images "
+            f"per device)")
+    return iter(DataLoader(data, batch_size=None, num_workers=workers, generator=torch.Generator(),
+                           sampler=batches(len(data), batch_size, seed, rank, world, start),
+                           pin_memory=device.type == "cuda", persistent_workers=workers > 0))
+
+
+def to_model(images, device):
+    """uint8 [0, 255] -> float [-1, 1] on the device, channels_last (faster convolutions)."""
+    x = images.to(device, non_blocking=True).float() / 127.5 - 1
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 # ----------------------------------------------------------------------------- model
+
 def timestep_embedding(t, dim):
     """Sinusoidal embedding: [sin(t * f_k), cos(t * f_k)], f_k = 10000^(-k / (dim/2 - 1))."""
     freqs = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=t.device) / (dim // 2 - 1))
     args = t.float()[:, None] * freqs[None]
     return torch.cat([args.sin(), args.cos()], dim=1)
 
+
 class GQAttention(nn.Module):
     """Grouped-query attention (Ainslie et al. 2023): `heads` query heads share `kv_heads` key/value
-    heads, heads // kv_heads queries per group; kv_heads == heads is ordinary multi-head attention."""
+    heads, heads / kv_heads queries to a group; kv_heads == heads is multi-head attention."""
 
     def __init__(self, dim, heads, kv_heads):
         super().__init__()
         self.heads, self.kv_heads, self.hd = heads, kv_heads, dim // heads
-        self.q, self.kv = nn.Linear(dim, dim), nn.Linear(dim, 2 * kv_heads * self.hd)  # kv rows: [W_k; W_v]
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * kv_heads * self.hd)  # rows [W_k; W_v]
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
@@ -181,494 +290,838 @@ class GQAttention(nn.Module):
         h = F.scaled_dot_product_attention(q, k, v, enable_gqa=self.kv_heads != self.heads)
         return self.proj(h.transpose(1, 2).reshape(B, N, C))
 
+
 def ada_linear(dim, n):
     """adaLN-Zero's modulation: SiLU, then a linear map to n vectors of size dim, zero at init."""
     lin = nn.Linear(dim, n * dim)
-    nn.init.zeros_(lin.weight), nn.init.zeros_(lin.bias)
+    nn.init.zeros_(lin.weight)
+    nn.init.zeros_(lin.bias)
     return nn.Sequential(nn.SiLU(), lin)
 
-class Block(nn.Module):
-    """Pre-norm transformer block. adaLN-Zero (DiT): the condition c gives shift, scale and a gate for
-    each branch, x = x + gate * f(norm(x) * (1 + scale) + shift), gates zero at init (identity block)."""
 
-    def __init__(self, dim, heads, kv_heads, adaln):
+class Block(nn.Module):
+    """Pre-norm transformer block; dropout on the MLP's hidden layer. adaLN-Zero (DiT): the
+    condition c gives a shift, scale and gate per branch, x = x + gate * f(norm(x) * (1 + scale) +
+    shift), the gates zero at init (an identity block). Without it: shift 0, scale 0, gate 1."""
+
+    def __init__(self, dim, heads, kv_heads, adaln, dropout):
         super().__init__()
-        self.norm1, self.norm2 = (nn.LayerNorm(dim, elementwise_affine=not adaln, eps=1e-6) for _ in range(2))
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=not adaln, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=not adaln, eps=1e-6)
         self.attn = GQAttention(dim, heads, kv_heads)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"),
+                                 nn.Dropout(dropout), nn.Linear(4 * dim, dim))
         self.ada = ada_linear(dim, 6) if adaln else None
 
-    def forward(self, x, c):  # without adaLN: shift 0, scale 0, gate 1 (a plain pre-norm block)
-        mod = self.ada(c)[:, None].chunk(6, dim=-1) if self.ada is not None else (0, 0, 1) * 2
+    def forward(self, x, c):
+        mod = (0, 0, 1) * 2
+        if self.ada is not None:
+            mod = self.ada(c)[:, None].chunk(6, dim=-1)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod
         x = x + gate1 * self.attn(self.norm1(x) * (1 + scale1) + shift1)
         return x + gate2 * self.mlp(self.norm2(x) * (1 + scale2) + shift2)
 
+
 class DiT(nn.Module):
-    """Patchify (p x p patches -> tokens), learned positional embeddings, `depth` blocks, a linear head
-    back to p*p*3 noise values per patch. The condition c = MLP(sin(t)) + MLP(class embedding) (the
-    seed's 128 -> 400 -> width MLPs; class index n_classes is CFG's null class) enters either as one
-    extra token in front of the patches (--cond token, the seed's 65 positions) or by adaLN-Zero."""
+    """Patchify (p x p patches -> tokens), learned positional embeddings, `depth` blocks, a linear
+    head (zero at init) back to p*p*C values per patch. The condition c = MLP(sin(t)) + MLP(class
+    embedding) (the seed's 128 -> 400 -> width MLPs; class n_classes is CFG's null class) enters
+    by adaLN-Zero, or with token=True as one token in front of the patches (the seed's 65
+    positions at patch 4)."""
+    EMB = 128  # the seed's size of the sinusoidal and the class embedding
 
-    def __init__(self, width=384, depth=12, heads=8, kv_heads=2, patch=4, cond="adaln", n_classes=10):
+    def __init__(self, width, depth, heads, kv_heads, patch, token, n_classes, channels, size,
+                 dropout):
         super().__init__()
-        self.patch, self.grid, self.token = patch, IMAGE_SIZE // patch, cond == "token"
-        self.patch_embed = nn.Conv2d(CHANNELS, width, patch, stride=patch)
+        self.patch, self.grid, self.token, self.null = patch, size // patch, int(token), n_classes
+        self.patch_embed = nn.Conv2d(channels, width, patch, stride=patch)
         self.pos = nn.Parameter(torch.randn(1, self.grid ** 2 + self.token, width) * 0.02)
-        self.time_mlp = nn.Sequential(nn.Linear(EMB, 400), nn.SiLU(), nn.Linear(400, width))
-        self.class_mlp = nn.Sequential(nn.Embedding(n_classes + 1, EMB), nn.Linear(EMB, 400), nn.SiLU(),
-                                       nn.Linear(400, width))
-        self.blocks = nn.ModuleList([Block(width, heads, kv_heads, not self.token) for _ in range(depth)])
-        self.norm = nn.LayerNorm(width, elementwise_affine=self.token, eps=1e-6)
-        self.ada = None if self.token else ada_linear(width, 2)
-        self.head = nn.Linear(width, patch * patch * CHANNELS)
-        nn.init.zeros_(self.head.weight), nn.init.zeros_(self.head.bias)  # zero output at init (DiT)
+        self.time_mlp = nn.Sequential(nn.Linear(self.EMB, 400), nn.SiLU(), nn.Linear(400, width))
+        self.class_mlp = nn.Sequential(nn.Embedding(n_classes + 1, self.EMB),
+                                       nn.Linear(self.EMB, 400), nn.SiLU(), nn.Linear(400, width))
+        self.blocks = nn.ModuleList([Block(width, heads, kv_heads, not token, dropout)
+                                     for _ in range(depth)])
+        self.norm = nn.LayerNorm(width, elementwise_affine=token, eps=1e-6)
+        self.ada = None if token else ada_linear(width, 2)
+        self.head = nn.Linear(width, patch * patch * channels)
+        nn.init.zeros_(self.head.weight)  # the output starts at zero (DiT)
+        nn.init.zeros_(self.head.bias)
 
-    def forward(self, x, t, y):
-        c = self.time_mlp(timestep_embedding(t, EMB)) + self.class_mlp(y)
+    def forward(self, x, t, y, drop):
+        y = torch.where(drop, self.null, y)
+        c = self.time_mlp(timestep_embedding(t, self.EMB)) + self.class_mlp(y)
         h = self.patch_embed(x).flatten(2).transpose(1, 2)  # [B, grid^2, width]
-        h = torch.cat([c[:, None], h], 1) if self.token else h
+        if self.token:
+            h = torch.cat([c[:, None], h], 1)
         h = h + self.pos
         for block in self.blocks:
             h = block(h, c)
-        shift, scale = self.ada(c)[:, None].chunk(2, dim=-1) if self.ada is not None else (0, 0)
-        h = self.norm(h) * (1 + scale) + shift
-        h = self.head(h[:, self.token:])  # drop the condition token; [B, grid^2, p*p*3]
-        B, g, p = len(x), self.grid, self.patch
-        return h.view(B, g, g, p, p, CHANNELS).permute(0, 5, 1, 3, 2, 4).reshape(B, CHANNELS, g * p, g * p)
+        shift, scale = 0, 0
+        if self.ada is not None:
+            shift, scale = self.ada(c)[:, None].chunk(2, dim=-1)
+        h = self.head((self.norm(h) * (1 + scale) + shift)[:, self.token:])  # [B, grid^2, p*p*C]
+        B, g, p, C = len(x), self.grid, self.patch, x.shape[1]
+        return h.view(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, g * p, g * p)
+
+
+def build_model(config, meta):
+    """The DiT for a run's settings and its data's facts."""
+    width, heads, kv_heads, patch = (config[k] for k in ("width", "heads", "kv_heads", "patch"))
+    if heads <= 0 or width % heads:
+        die(f"--width {width}: must be a multiple of --heads {heads}")
+    if kv_heads <= 0 or heads % kv_heads:
+        die(f"--kv-heads {kv_heads}: must divide --heads {heads}")
+    if patch <= 0 or meta["size"] % patch:
+        die(f"--patch {patch}: must divide the image size {meta['size']}")
+    return DiT(width, config["depth"], heads, kv_heads, patch, config["cond_token"],
+               len(meta["classes"]), meta["channels"], meta["size"], config["dropout"])
+
 
 # ----------------------------------------------------------------------------- diffusion
+
 def make_betas(schedule, T):
-    """Clamped at 0.999 so abar_T > 0 (a short linear schedule would reach beta = 1)."""
-    if schedule == "linear":  # Ho et al. (the seed): 1e-4 .. 0.02 at T=1000, scaled so any T ends equally noisy
-        betas = torch.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=torch.float64)
-    else:  # cosine (Nichol & Dhariwal): abar(t) = f(t)/f(0), f(t) = cos((t/T + s)/(1 + s) * pi/2)^2
-        f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + 0.008) / 1.008 * math.pi / 2) ** 2
-        betas = 1 - f[1:] / f[:-1]
-    return betas.clamp(max=0.999)
+    """beta_1..beta_T, each below 0.999 so that abar_T > 0 however short the schedule."""
+    if schedule == "cosine":  # Nichol & Dhariwal: abar(t) = f(t) / f(0), f = cos(...)^2
+        f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + 0.008) / 1.008 * math.pi / 2)
+        return (1 - f[1:] ** 2 / f[:-1] ** 2).clamp(max=0.999)
+    if schedule == "sigmoid":  # sigmoid(linspace(-6, 6)) between 1e-4 and 0.02
+        betas = torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64)) * (0.02 - 1e-4) + 1e-4
+    else:  # linear (Ho et al.): 1e-4 .. 0.02
+        betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+    return (betas * 1000 / T).clamp(max=0.999)  # those are for T=1000: any T ends as noisy
+
+
+def make_alphas_cumprod(schedule, T, device):
+    """abar_t = prod_{s <= t} (1 - beta_s), float32 on the device."""
+    return torch.cumprod(1 - make_betas(schedule, T), 0).float().to(device)
+
 
 def q_sample(x0, t, noise, alphas_cumprod):
     """x_t = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * eps"""
-    abar = alphas_cumprod[t].view(-1, 1, 1, 1)
+    abar = alphas_cumprod[t].view(-1, *[1] * (x0.dim() - 1))
     return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
-def p_losses(model, x0, y, alphas_cumprod, p_uncond, null, t=None, noise=None):
-    """E ||eps - eps_theta(x_t, t, y)||^2, y replaced by the null class with probability p_uncond. t, noise
-    and the drop are drawn from the CPU generator (saved in the checkpoint) unless given."""
-    B, dev = x0.shape[0], x0.device
-    t = torch.randint(0, len(alphas_cumprod), (B,)).to(dev) if t is None else t
-    noise = torch.randn(x0.shape).to(dev) if noise is None else noise
-    y = torch.where(torch.rand(B).to(dev) < p_uncond, torch.full_like(y, null), y)
-    return F.mse_loss(model(q_sample(x0, t, noise, alphas_cumprod), t, y).float(), noise)
+
+def loss_target(x0, noise, abar):
+    """What the network learns to predict: the noise eps (Ho et al.)."""
+    return noise
+
+
+def eps_from_pred(pred, x, abar):
+    """The network's prediction as the noise eps that the samplers take: it is eps."""
+    return pred
+
+
+def p_losses(model, x0, cond, alphas_cumprod, p_uncond, loss="mse", t=None, noise=None, drop=None):
+    """||loss_target - model(x_t, t, cond)||^2 (or L1), x_t = q_sample(x0, t, eps), the condition
+    dropped with probability p_uncond (CFG). t, eps and the drops are drawn from the CPU generator,
+    which --resume restores on any device, unless given."""
+    B, device = x0.shape[0], x0.device
+    t = torch.randint(0, len(alphas_cumprod), (B,)).to(device) if t is None else t
+    noise = torch.randn(x0.shape).to(device) if noise is None else noise
+    drop = (torch.rand(B) < p_uncond).to(device) if drop is None else drop
+    pred = model(q_sample(x0, t, noise, alphas_cumprod), t, cond, drop).float()
+    target = loss_target(x0, noise, alphas_cumprod[t].view(-1, 1, 1, 1))
+    return F.mse_loss(pred, target) if loss == "mse" else F.l1_loss(pred, target)
+
+
+@torch.no_grad()
+def eval_loss(model, data, alphas_cumprod, config, dtype, batch_size=250):
+    """Mean loss over `data`, condition kept, on timesteps and noise fixed by seed 0: comparable
+    between steps, and the training's random streams are untouched."""
+    g, total, device = torch.Generator().manual_seed(0), 0.0, alphas_cumprod.device
+    for idx in torch.arange(len(data)).split(batch_size):
+        images, cond = data[idx]
+        x0 = to_model(images, device)
+        t = torch.randint(0, len(alphas_cumprod), (len(x0),), generator=g).to(device)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        drop = torch.full((len(x0),), config["uncond"], device=device)
+        with autocast(dtype, device):
+            loss = p_losses(model, x0, cond.to(device), alphas_cumprod, 0, config["loss"], t, noise,
+                            drop)
+        total += loss.item() * len(x0)
+    return total / len(data)
+
 
 # ----------------------------------------------------------------------------- sampling
-def cfg_denoiser(model, y, w, null):
-    """eps(x, t) with classifier-free guidance: eps = eps_u + w * (eps_c - eps_u) (SPEC's convention:
-    w=0 unconditional, w=1 conditional), both halves in one doubled batch."""
-    if w in (0, 1):  # one half of the batch is enough
-        label = y if w == 1 else torch.full_like(y, null)
-        return lambda x, t: model(x, t, label).float()
+
+def cfg_denoiser(model, cond, drop, w):
+    """The prediction with classifier-free guidance, pred = pred_u + w * (pred_c - pred_u) (SPEC:
+    w=0 unconditional, w=1 conditional), both halves in one doubled batch; rows with drop stay
+    unconditional."""
+    if w in (0, 1) or drop.all():  # one half is enough
+        d = torch.ones_like(drop) if w == 0 else drop
+        return lambda x, t: model(x, t, cond, d).float()
+
+    def pred_fn(x, t):
+        pred_c, pred_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, cond]),
+                               torch.cat([drop, torch.ones_like(drop)])).float().chunk(2)
+        return pred_u + w * (pred_c - pred_u)
+    return pred_fn
+
+
+def denoiser(model, cond, drop, w, alphas_cumprod):
+    """eps(x, t) for the samplers: the guided prediction as eps, the clean image it implies clipped
+    to [-1, 1] and eps recomputed. Near t = T, x0 = (x - sqrt(1-abar) eps) / sqrt(abar) multiplies
+    any error of eps by 1/sqrt(abar) (2e4 with the cosine schedule)."""
+    pred_fn = cfg_denoiser(model, cond, drop, w)
 
     def eps_fn(x, t):
-        eps_c, eps_u = model(torch.cat([x, x]), torch.cat([t, t]),
-                             torch.cat([y, torch.full_like(y, null)])).float().chunk(2)
-        return eps_u + w * (eps_c - eps_u)
+        abar = alphas_cumprod[t].view(-1, 1, 1, 1)
+        eps = eps_from_pred(pred_fn(x, t), x, abar)
+        x0 = ((x - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1, 1)
+        return (x - abar.sqrt() * x0) / (1 - abar).sqrt()
     return eps_fn
 
-def sample_timesteps(T, steps):
-    return torch.linspace(T - 1, 0, steps).round().long().tolist()
 
-def ddim_sample(eps_fn, x, alphas_cumprod, steps, eta, generator=None, path=None, clip=False):
-    """DDIM (Song et al.) from x_T on `steps` timesteps. With eta=1 on all T steps this is exactly DDPM's
-    ancestral sampler with the posterior variance beta_tilde. Starts at t = len(alphas_cumprod) - 1, so
-    alphas_cumprod[:t0 + 1] denoises an x_t0 (reconstruction). clip (images): x0 clamped to [-1, 1] and eps
-    recomputed from it; x0 = (x - sqrt(1-abar) eps) / sqrt(abar) multiplies eps errors by up to 1/sqrt(abar)."""
-    ts = sample_timesteps(len(alphas_cumprod), steps)
-    for i, t in enumerate(tqdm(ts, desc="sampling", leave=False, disable=len(ts) < 50)):
+def ddim_timesteps(t_start, steps):
+    """`steps` timesteps evenly from t_start down to 0."""
+    return torch.linspace(t_start, 0, steps).round().long().tolist()
+
+
+def dpmpp_timesteps(alphas_cumprod, t_start, steps):
+    """`steps` timesteps evenly in lambda = log(alpha / sigma), from t_start or from lambda = -5
+    (where x_t is pure noise already; the cosine schedule reaches -10: wasted steps) down to 0."""
+    lam = 0.5 * torch.log(alphas_cumprod / (1 - alphas_cumprod)).cpu()
+    grid = torch.linspace(max(lam[t_start].item(), -5.0), lam[0].item(), steps)
+    return sorted({int((lam - g).abs().argmin()) for g in grid}, reverse=True)
+
+
+def ddim_sample(eps_fn, x, alphas_cumprod, timesteps, eta=0.0, generator=None, callback=None):
+    """DDIM (Song et al.) from x at timesteps[0] down the timesteps to the clean image; eta=1 on
+    every timestep is DDPM's ancestral sampler (variance beta_tilde). callback(x, t) returns each
+    step's result: recorded, or changed (steering)."""
+    for i, t in enumerate(tqdm(timesteps, "sampling", leave=False, disable=len(timesteps) < 50)):
         abar = alphas_cumprod[t]
-        abar_prev = alphas_cumprod[ts[i + 1]] if i + 1 < len(ts) else torch.ones_like(abar)
+        abar_prev = alphas_cumprod[timesteps[i + 1]] if i + 1 < len(timesteps) else abar ** 0
         eps = eps_fn(x, torch.full((x.shape[0],), t, device=x.device))
         x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
-        if clip:
-            x0 = x0.clamp(-1, 1)
-            eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
         # sigma^2 = eta^2 * (1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)
         sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
         x = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
         if sigma > 0:
             x = x + sigma * torch.randn(x.shape, generator=generator).to(x.device)
-        if path is not None:
-            path.append(x.cpu())
+        if callback is not None:
+            x = callback(x, t)
     return x
 
-def dpmpp_sample(eps_fn, x, alphas_cumprod, steps, path=None, clip=False):
-    """DPM-Solver++(2M) (Lu et al. 2022) in data prediction, lambda = log(alpha / sigma); the last step,
-    to the clean image, is first order. Timesteps are uniform in lambda, from lambda = -5 (below it
-    x_t is pure noise) to lambda at t=0."""
+
+def dpmpp_sample(eps_fn, x, alphas_cumprod, timesteps, callback=None):
+    """DPM-Solver++(2M) (Lu et al. 2022), data prediction, lambda = log(alpha / sigma), from x at
+    timesteps[0] down the timesteps; the last step, to the clean image, is first order."""
     alpha, sigma = alphas_cumprod.sqrt(), (1 - alphas_cumprod).sqrt()
     lam = torch.log(alpha / sigma)
-    grid = torch.linspace(max(lam[-1].item(), -5.0), lam[0].item(), steps, device=lam.device)
-    ts = sorted({int((lam - g).abs().argmin()) for g in grid}, reverse=True)
     x0_prev, h_prev = None, None
-    for i, t in enumerate(tqdm(ts, desc="sampling", leave=False, disable=len(ts) < 50)):
+    for i, t in enumerate(tqdm(timesteps, "sampling", leave=False, disable=len(timesteps) < 50)):
         x0 = (x - sigma[t] * eps_fn(x, torch.full((x.shape[0],), t, device=x.device))) / alpha[t]
-        x0 = x0.clamp(-1, 1) if clip else x0  # as in ddim_sample
-        if i + 1 == len(ts):
+        if i + 1 == len(timesteps):
             x = x0
         else:
-            s = ts[i + 1]
+            s = timesteps[i + 1]
             h = lam[s] - lam[t]
-            d = x0 if x0_prev is None else x0 + (x0 - x0_prev) * h / (2 * h_prev)  # (1 + 1/2r) x0 - x0_prev/2r
+            d = x0 if x0_prev is None else x0 + (x0 - x0_prev) * h / (2 * h_prev)  # 2nd order
             x = sigma[s] / sigma[t] * x - alpha[s] * torch.expm1(-h) * d
             x0_prev, h_prev = x0, h
-        if path is not None:
-            path.append(x.cpu())
+        if callback is not None:
+            x = callback(x, t)
     return x
 
-@torch.no_grad()
-def generate(model, alphas_cumprod, labels, args, n_classes, seed=0, path=None):
-    """Images in [-1, 1] for `labels` (n_classes = unconditional) from fixed seeds, by --sampler."""
-    device = alphas_cumprod.device
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn((len(labels), CHANNELS, IMAGE_SIZE, IMAGE_SIZE), generator=g).to(device)
-    eps_fn = cfg_denoiser(model, torch.tensor(labels, device=device), args.cfg, n_classes)
-    T, K = len(alphas_cumprod), min(args.sample_steps, len(alphas_cumprod))
-    if args.sampler == "dpmpp":
-        x = dpmpp_sample(eps_fn, x, alphas_cumprod, K, path, clip=True)
-    elif args.sampler == "ddim":
-        x = ddim_sample(eps_fn, x, alphas_cumprod, K, args.eta, g, path, clip=True)
-    else:  # ddpm: DDIM with eta=1 on all T steps
-        x = ddim_sample(eps_fn, x, alphas_cumprod, T, 1.0, g, path, clip=True)
-    return x.clamp(-1, 1)
+
+@torch.no_grad()  # not inference_mode: a steering callback may take gradients
+def generate(model, cond, drop, alphas_cumprod, shape, seed=0, sampler="ddim", steps=50, eta=0.0,
+             w=1.0, x=None, t_start=None, columns=None, callback=None):
+    """Images in [-1, 1] for the rows of cond (rows with drop: unconditional) from fixed seeds: from
+    pure noise (with `columns`, a grid of that width whose rows start from the same noise, so that
+    they differ by their condition only), or from x at t_start (a reconstruction: its share of the
+    steps). ddpm walks every timestep (DDIM, eta=1); ddim and dpmpp take `steps`."""
+    T, g = len(alphas_cumprod), torch.Generator().manual_seed(seed)
+    if x is None:
+        x, t_start = torch.randn((columns or len(cond), *shape), generator=g), T - 1
+        x = x.repeat(len(cond) // len(x), 1, 1, 1)
+    x = x.to(alphas_cumprod.device).contiguous(memory_format=torch.channels_last)
+    K = max(1, round(min(steps, T) * (t_start + 1) / T))
+    eps_fn = denoiser(model, cond.to(x.device), drop.to(x.device), w, alphas_cumprod)
+    if sampler == "dpmpp":
+        ts = dpmpp_timesteps(alphas_cumprod, t_start, K)
+        return dpmpp_sample(eps_fn, x, alphas_cumprod, ts, callback).clamp(-1, 1)
+    if sampler == "ddpm":
+        K, eta = t_start + 1, 1.0
+    ts = ddim_timesteps(t_start, K)
+    return ddim_sample(eps_fn, x, alphas_cumprod, ts, eta, g, callback).clamp(-1, 1)
+
+
+def sampling(config):
+    """The sampler settings of a run's or the command line's config, as generate's keywords."""
+    return dict(sampler=config["sampler"], steps=config["sample_steps"], eta=config["eta"],
+                w=config["cfg"])
+
+
+def tracer(trace, rows=slice(None)):
+    """A sampler callback keeping every step's x (its `rows`) on the CPU: path figures, GIFs."""
+    def keep(x, t):
+        trace.append(x[rows].cpu())
+        return x
+    return keep
+
+
+def label_conds(labels, per_label, meta, uncond):
+    """(labels, drop, row length) for --labels: class names or indices, 'uncond' or the index
+    len(classes) (the null class), or 'all' (every class, then uncond); per_label of each, a row
+    each. An unconditional model has only the unconditional row."""
+    classes = meta["classes"]
+    words = [w.strip() for text in labels for w in text.split(",") if w.strip()]
+    if uncond or words == ["all"]:
+        words = ["uncond"] if uncond else classes + ["uncond"]
+    rows = []
+    for w in words:
+        if w in classes:
+            rows.append(classes.index(w))
+        elif w == "uncond" or (w.isdigit() and int(w) <= len(classes)):
+            rows.append(len(classes) if w == "uncond" else int(w))
+        else:
+            die(f"--labels: unknown class {w!r} (use {', '.join(classes)}, 0-{len(classes)}, "
+                f"uncond or all)")
+    y = torch.tensor(rows).repeat_interleave(per_label)
+    return y.clamp(max=len(classes) - 1), y == len(classes), per_label
+
 
 def save_grid(x, path, nrow):
+    """Images in [-1, 1] as one PNG, nrow to a row."""
     torchvision.utils.save_image(x * 0.5 + 0.5, path, nrow=nrow, padding=1, pad_value=1.0)
 
-def path_figure(path, rows, out):
-    """The seed's timestep grid: a row per chosen sample, 10 columns from noise to image."""
-    cols = torch.linspace(0, len(path) - 1, min(len(path), 10)).round().long().tolist()
-    save_grid(torch.stack([path[c][rows] for c in cols], 1).flatten(0, 1).clamp(-1, 1), out, len(cols))
 
-def save_gif(path, out, nrow):
-    frames = torch.linspace(0, len(path) - 1, min(len(path), 50)).round().long().tolist()
-    grids = [torchvision.utils.make_grid(path[f].clamp(-1, 1) * 0.5 + 0.5, nrow=nrow, padding=1) for f in frames]
-    imgs = [Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy()) for grid in grids]
-    imgs[0].save(out, save_all=True, append_images=imgs[1:], duration=80, loop=0)
+def path_figure(trace, path):
+    """Denoising paths: a row per traced sample, 10 columns from noise to image."""
+    cols = torch.linspace(0, len(trace) - 1, min(len(trace), 10)).round().long().tolist()
+    save_grid(torch.stack([trace[c] for c in cols], 1).flatten(0, 1).clamp(-1, 1), path, len(cols))
 
-@torch.no_grad()
-def reconstruct(model, x0, y, alphas_cumprod, t0, out):
-    """Rows: training images, x_t0 = q_sample(x0, t0), and x_t0 denoised back by 50-step DDIM."""
-    g = torch.Generator().manual_seed(0)
-    xt = q_sample(x0, torch.full((len(x0),), t0, device=x0.device),
-                  torch.randn(x0.shape, generator=g).to(x0.device), alphas_cumprod)
-    eps_fn = cfg_denoiser(model, y, 1, null=None)  # w=1: conditional, no null class needed
-    rec = ddim_sample(eps_fn, xt, alphas_cumprod[:t0 + 1], min(50, t0 + 1), 0.0, clip=True).clamp(-1, 1)
-    save_grid(torch.cat([x0, xt.clamp(-1, 1), rec]), out, len(x0))
-    return F.mse_loss(rec, x0).item()
 
-# ----------------------------------------------------------------------------- EMA, checkpoints, FID
+def save_gif(trace, path, nrow):
+    """denoise.gif: one frame per sampler step (at most 50), the whole grid in each."""
+    frames = torch.linspace(0, len(trace) - 1, min(len(trace), 50)).round().long().tolist()
+    imgs = []
+    for f in frames:
+        grid = torchvision.utils.make_grid(trace[f].clamp(-1, 1) * 0.5 + 0.5, nrow=nrow, padding=1)
+        imgs.append(Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy()))
+    imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=80, loop=0)
+
+
+# ------------------------------------------------------------------- EMA, checkpoints, system
+
 @torch.no_grad()
 def update_ema(ema, model, decay):
+    """ema = decay * ema + (1 - decay) * model; buffers copied."""
     for pe, p in zip(ema.parameters(), model.parameters()):
         pe.lerp_(p, 1 - decay)
     for be, b in zip(ema.buffers(), model.buffers()):
         be.copy_(b)
 
+
 def save_checkpoint(path, state):
-    """Write to a temporary file in the same folder, then rename: a crash never leaves a broken file."""
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """A temporary file in the same folder, then renamed over `path`: a crash or a full disk never
+    leaves a broken file, and the previous one stays until the new one is whole."""
+    try:
+        torch.save(state, f"{path}.tmp")
+    except (OSError, RuntimeError) as e:  # a full disk: RuntimeError "... unexpected pos ..."
+        if os.path.exists(f"{path}.tmp"):
+            os.remove(f"{path}.tmp")
+        reason = str(e).splitlines()[0] if isinstance(e, OSError) else "no space left on the device"
+        sys.exit(f"error: {reason} while writing {path}; the previous one is kept")
+    os.replace(f"{path}.tmp", path)
+
 
 def load_checkpoint(path, device):
+    """A checkpoint of this script, read as tensors and plain values only (it cannot run code)."""
     if not os.path.isfile(path):
         die(f"no checkpoint at {path} (train first, or pass --ckpt)")
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        ck = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         die(f"{path} is not a readable checkpoint ({type(e).__name__})")
+    if not isinstance(ck, dict) or ck.get("script") != NAME:
+        die(f"{path} is not a checkpoint of {NAME}.py")
+    return ck
 
-def build_model(cfg, n_classes=10):
-    return DiT(cfg["width"], cfg["depth"], cfg["heads"], cfg["kv_heads"], cfg["patch"], cfg["cond"], n_classes)
 
 def load_weights(module, state, path):
     try:
         module.load_state_dict(state)
     except RuntimeError:
-        die(f"checkpoint {path} does not match this model (--width, --depth, --heads, --kv-heads, --patch, --cond)")
+        die(f"{path} does not match this model (check --width, --depth and the data)")
 
-def make_alphas_cumprod(cfg, device):
-    return torch.cumprod(1 - make_betas(cfg["schedule"], cfg["steps"]), 0).float().to(device)
 
-def run_fid(args, model, alphas_cumprod, n_classes, ckpt, rank, world):
-    """FID (and IS) of args.fid class-balanced samples against the training images; each rank makes and
-    measures its share (i = rank, rank + world, ...) and fid.evaluate sums the statistics over ranks."""
-    import fid  # only here, so this file runs without fid.py
-    images, _, _ = get_data(args)
-    if args.fid > len(images):
-        die(f"--fid {args.fid} is more than the {len(images)} real images")
-    chunks = [c.tolist() for c in torch.arange(rank, args.fid, world).split(250)]  # this rank's sample indices
-    real = (images[c].float() / 255 for c in chunks)
-    fake = ((generate(model, alphas_cumprod, [j % n_classes for j in c], args, n_classes, seed=args.seed + 1 + c[0])
-             + 1) / 2 for c in chunks)
-    cache = None if args.image_folder or args.limit else f"{args.data_dir}/fid_stats_cifar10_{args.fid}.npz"
-    res = fid.evaluate(fake, real, sum(map(len, chunks)), cache=cache,
-                       inception_score=args.inception, weights=args.fid_weights, device=alphas_cumprod.device)
-    if rank == 0:  # the seed's keys (the issue's choice over SPEC's fid.json)
-        res = dict(num_samples=res["n"], checkpoint=ckpt, fid_score=res["fid"], **{
-            k: res[k] for k in ("inception_score_mean", "inception_score_std")})
-        json.dump(res, open(os.path.join(args.out_dir, "evaluation_results.json"), "w"), indent=2)
-        fake = generate(model, alphas_cumprod, [j % n_classes for j in range(50)], args, n_classes)
-        save_grid(torch.cat([images[:50].float().to(fake.device) / 127.5 - 1, fake]),
-                  os.path.join(args.out_dir, "real_vs_fake.png"), 10)
-        print(f"FID {res['fid_score']:.2f} from {res['num_samples']} samples -> {args.out_dir}/evaluation_results.json")
-
-# ----------------------------------------------------------------------------- training
-def setup(args):
-    """Device and DistributedDataParallel: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE (on any node)."""
-    ddp = "RANK" in os.environ
-    name = args.device or ("cuda" if torch.cuda.is_available() else
-                           "mps" if torch.backends.mps.is_available() else "cpu")
-    rank, world = 0, 1
+def setup(name):
+    """The device (the best present unless named) and DistributedDataParallel: torchrun sets RANK,
+    LOCAL_RANK and WORLD_SIZE; NCCL on CUDA, gloo otherwise."""
+    present = dict(cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available(), cpu=True)
+    name = name or next(k for k, ok in present.items() if ok)
+    if not present[name]:
+        die(f"--device {name}: not present on this machine")
+    ddp, rank, world = "RANK" in os.environ, 0, 1
     if ddp:
         dist.init_process_group("nccl" if name == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
-        if name == "cuda":
-            name = f"cuda:{os.environ['LOCAL_RANK']}"
-            torch.cuda.set_device(name)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if name == "cuda":
+        name = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+        torch.cuda.set_device(name)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return torch.device(name), ddp, rank, world
 
-def autocast(args, device):
-    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, torch.bfloat16) if bf16 else nullcontext()
 
-@torch.no_grad()
-def val_loss(model, val, alphas_cumprod, args, null, device):
-    """Loss of the held-out images on timesteps and noise fixed by seed 0, so calls are comparable (each
-    rank computes the same number on the whole, small, held-out set: no communication)."""
-    x0, y = val[0].to(device).float() / 127.5 - 1, val[1].to(device)
-    g = torch.Generator().manual_seed(0)
-    t, noise = torch.randint(0, len(alphas_cumprod), (len(x0),), generator=g), torch.randn(x0.shape, generator=g)
-    chunks = zip(*(a.split(250) for a in (x0, y, t.to(device), noise.to(device))))
-    with autocast(args, device):
-        return sum(p_losses(model, xb, yb, alphas_cumprod, 0.0, null, tb, nb).item() * len(xb)
-                   for xb, yb, tb, nb in chunks) / len(x0)
+def amp_dtype(name, device):
+    """--dtype as autocast's dtype (None: fp32). auto: bf16 where the GPU computes in bf16 (compute
+    capability 8.0 on), fp16 with loss scaling on older GPUs (T4, V100, P100), else fp32."""
+    if name == "auto" and device.type == "cuda":
+        name = "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name)
 
-def save_run(args, state, ddp, world, master, improved, periodic):
-    """ckpt.pt, best.pt when the validation loss improved, ckpt_<step>.pt every --save-every epochs."""
-    rng = [torch.get_rng_state()] * world
-    if ddp:  # every rank's RNG state (a collective), so each rank's random stream resumes where it was
-        dist.all_gather_object(rng, torch.get_rng_state())
-    if not master:
-        return
-    state["rng"] = rng
-    names = ["ckpt.pt"] + ["best.pt"] * improved + [f"ckpt_{state['step']}.pt"] * periodic
-    for name in names:
-        save_checkpoint(os.path.join(args.out_dir, name), state)
-    kept = sorted(int(f[5:-3]) for f in os.listdir(args.out_dir) if f.startswith("ckpt_") and f.endswith(".pt"))
-    for s in kept[:-args.keep] if args.keep else []:
-        os.remove(os.path.join(args.out_dir, f"ckpt_{s}.pt"))
 
-def start_run(args, raw, n_train, n_val, world, per_epoch, device):
-    """Rank 0: the output folder, config.json, the TensorBoard writer and the run's first line."""
-    os.makedirs(args.out_dir, exist_ok=True)
-    json.dump(vars(args), open(os.path.join(args.out_dir, "config.json"), "w"), indent=2)
-    print(f"{sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, {n_train} train + {n_val} validation "
-          f"images, global batch {args.batch_size * world * args.accum} ({args.batch_size} x {world} devices x "
-          f"{args.accum} accumulated), {per_epoch} steps/epoch, device {device}")
-    if not args.tensorboard:
-        return None
+def autocast(dtype, device):
+    return torch.autocast(device.type, dtype) if dtype else nullcontext()
+
+
+def rng_states(device):
+    """This process's random streams: the CPU's and the GPU's (dropout draws there)."""
+    states = dict(cpu=torch.get_rng_state())
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def lock(out_dir):
+    """Claim --out-dir for this run: a second run on it stops with one line; the lock of a process
+    that died on this machine (kill -9, a power cut) is taken over."""
+    path = os.path.join(out_dir, "lock")
     try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        die("--tensorboard needs the tensorboard package: pip install tensorboard")
-    return SummaryWriter(os.path.join(args.out_dir, "tb"))
+        os.makedirs(out_dir, exist_ok=True)
+        if os.path.exists(path):
+            host, pid = (open(path).read().split() + ["?", "0"])[:2]
+            if host != socket.gethostname() or pid_alive(int(pid)):
+                die(f"--out-dir {out_dir}: in use by process {pid} on {host} (if no run is "
+                    f"using it, delete {path})")
+        with open(path, "w") as f:
+            f.write(f"{socket.gethostname()} {os.getpid()}\n")
+    except OSError as e:
+        die(f"--out-dir {out_dir}: cannot write there ({e.strerror})")
+    return path
 
-def write_log(rec, out_dir, writer):
-    with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
-        f.write(json.dumps(rec) + "\n")
-    for k in ("loss", "lr", "img_per_s", "val_loss") if writer else ():
-        if rec.get(k) is not None:
-            writer.add_scalar(k, rec[k], rec["step"])
 
-def train_step(model, wrapped, opt, idx, images, labels, alphas_cumprod, args, n_classes, ddp, device):
-    """One optimizer step over --accum micro-batches; gradients are all-reduced only on the last."""
-    opt.zero_grad(set_to_none=True)
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0 only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, another user's
+        pass
+    return True
+
+
+# ----------------------------------------------------------------------------- training
+
+def new_run(config, meta, device, dtype):
+    """What training and sampling both need: model, EMA copy, noise schedule, image shape."""
+    model = build_model(config, meta).to(device).to(memory_format=torch.channels_last)
+    return SimpleNamespace(config=config, meta=meta, model=model, device=device, dtype=dtype,
+                           ema=copy.deepcopy(model).eval().requires_grad_(False), step=0,
+                           alphas_cumprod=make_alphas_cumprod(config["schedule"], config["steps"],
+                                                              device),
+                           shape=(meta["channels"], meta["size"], meta["size"]), writer=None)
+
+
+def build_run(args, device, rank, world):
+    """A run from the command line: data (training and held out), model, EMA, optimizer, loss
+    scaler, and with --resume the checkpoint's state. Nothing is written: a failed start changes
+    nothing."""
+    torch.manual_seed(args.seed + rank)  # each rank its own noise, timesteps, drops and flips
+    data, meta = get_data(vars(args))
+    run = new_run(vars(args), meta, device, amp_dtype(args.dtype, device))
+    run.train_set, run.val_set = split_data(data, args.limit, args.val_size)
+    run.opt = torch.optim.AdamW(run.model.parameters(), lr=args.lr, fused=device.type == "cuda",
+                                weight_decay=args.weight_decay)
+    run.scaler = torch.amp.GradScaler(device.type, enabled=run.dtype == torch.float16)
+    run.per_epoch = len(run.train_set) // (args.batch_size * args.accum * world)
+    run.total = args.epochs * max(run.per_epoch, 1) if args.epochs else args.iters
+    run.ckpt, run.best_val, run.state = os.path.join(args.out_dir, "ckpt.pt"), math.inf, {}
+    if args.resume:  # weights, EMA, optimizer, scaler, step, the extras' state, random streams
+        ck = load_checkpoint(run.ckpt, device)
+        load_weights(run.model, ck["model"], run.ckpt)
+        load_weights(run.ema, ck["ema"], run.ckpt)
+        run.opt.load_state_dict(ck["opt"])
+        run.scaler.load_state_dict(ck["scaler"])
+        rng = ck["rng"][rank if len(ck["rng"]) == world else 0]
+        torch.set_rng_state(rng["cpu"].cpu())
+        if "cuda" in rng and device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
+        run.step, run.best_val, run.state = ck["step"], ck["best_val"], ck["extras"]
+    if run.step >= run.total:
+        die(f"--resume: {run.ckpt} is at step {run.step} already (raise --iters or --epochs)")
+    return run
+
+
+def start_run(args, run, world):
+    """Rank 0, once the run can start: the lock, config.json, log.jsonl cut back to the resumed step
+    (after a crash the steps since the last checkpoint are trained again), TensorBoard."""
+    lock_path = lock(args.out_dir)
+    with open(os.path.join(args.out_dir, "config.json"), "w") as f:
+        json.dump(run.config, f, indent=2)
+    log = os.path.join(args.out_dir, "log.jsonl")
+    if os.path.exists(log):
+        with open(log) as f:
+            lines = [line for line in f if line.endswith("\n")]  # a kill -9 may cut the last one
+        with open(log, "w") as f:
+            f.writelines(line for line in lines if json.loads(line)["step"] <= run.step)
+    if args.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            die("--tensorboard needs the tensorboard package: pip install tensorboard")
+        run.writer = SummaryWriter(os.path.join(args.out_dir, "tb"))
+    print(f"{sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M parameters, "
+          f"{len(run.train_set)} images + {len(run.val_set)} held out, global batch "
+          f"{args.batch_size * args.accum * world}, {run.per_epoch} steps per epoch, "
+          f"{run.device}, autocast {run.dtype}")
+    return lock_path
+
+
+def get_lr(step, lr, warmup, total, decay):
+    """Linear warm-up over `warmup` steps, then constant or (decay "cosine") down to 0 at total."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if decay == "cosine":
+        return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return lr
+
+
+def train_step(model, wrapped, run, micro, ddp):
+    """One optimizer step on the micro-batches (gradient accumulation; DDP all-reduces on the last
+    only); returns the mean loss. Under fp16 the loss is scaled, and the scaler skips a step whose
+    gradients are not finite."""
+    c = run.config
+    run.opt.zero_grad(set_to_none=True)
     total = 0.0
-    for micro, i in enumerate(idx):
-        x0 = images[i].to(device, non_blocking=True).float() / 127.5 - 1
-        flip = (torch.rand(len(i)) < 0.5).to(device)  # horizontal flips from the saved CPU generator
-        x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
-        with wrapped.no_sync() if ddp and micro + 1 < len(idx) else nullcontext():
-            with autocast(args, device):
-                loss = p_losses(model, x0, labels[i].to(device), alphas_cumprod, args.p_uncond, n_classes)
-            (loss / len(idx)).backward()
-        total = total + loss.detach() / len(idx)
-    if args.grad_clip:
-        torch.nn.utils.clip_grad_norm_(wrapped.parameters(), args.grad_clip)
-    opt.step()
+    for i, (images, cond) in enumerate(micro):
+        x0 = to_model(images, run.device)
+        if run.meta["hflip"]:  # random horizontal flips, drawn from the CPU generator
+            flip = (torch.rand(len(x0)) < 0.5).to(run.device)
+            x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(3), x0)
+        with wrapped.no_sync() if ddp and i + 1 < len(micro) else nullcontext():
+            with autocast(run.dtype, run.device):
+                loss = p_losses(model, x0, cond.to(run.device), run.alphas_cumprod,
+                                1.0 if c["uncond"] else c["p_uncond"], c["loss"]) / len(micro)
+            run.scaler.scale(loss).backward()
+        total = total + loss.detach()
+    run.scaler.unscale_(run.opt)
+    if c["grad_clip"]:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), c["grad_clip"])
+    run.scaler.step(run.opt)
+    run.scaler.update()
     return total
 
+
+def log_record(losses, step, lr, seconds, run, ddp, world):
+    """The log line: mean loss of the steps since the last line over all ranks, lr, images/s. Under
+    fp16 a non-finite loss is a step the scaler skipped (counted); otherwise it stops the run."""
+    losses = torch.stack(losses)
+    ok = losses.isfinite()
+    sums = torch.stack([torch.where(ok, losses, 0).sum(), ok.sum(), (~ok).sum()]).float()
+    if ddp:
+        dist.all_reduce(sums)
+    if sums[2] and run.dtype != torch.float16:
+        sys.exit(f"error: the loss is not finite at step {step}; stopped, {run.ckpt} is kept")
+    n = len(losses) * run.config["batch_size"] * run.config["accum"] * world
+    rec = dict(step=step, loss=(sums[0] / sums[1].clamp(min=1)).item(), lr=lr,
+               img_per_s=n / seconds, elapsed=time.time() - run.t0)
+    if run.dtype == torch.float16:
+        rec["skipped"] = int(sums[2])
+    return rec
+
+
+def write_log(rec, run):
+    with open(os.path.join(run.config["out_dir"], "log.jsonl"), "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    for k, v in rec.items():
+        if run.writer and k not in ("step", "elapsed"):
+            run.writer.add_scalar(k, v, rec["step"])
+
+
+def save_run(run, step, periodic, ddp, world, master):
+    """ckpt.pt, best.pt when the EMA model's validation loss is the lowest yet, ckpt_<step>.pt when
+    periodic (the newest --keep). Every rank's random streams are gathered (a collective); weights
+    that are not finite are never written: the run stops and the previous files stay."""
+    rng = [rng_states(run.device)] * world
+    if ddp:
+        dist.all_gather_object(rng, rng[0])
+    if not all(p.isfinite().all() for m in (run.model, run.ema) for p in m.parameters()):
+        sys.exit(f"error: the weights are not finite at step {step}; stopped, {run.ckpt} is kept")
+    if not master:
+        return
+    out, keep, improved = run.config["out_dir"], run.config["keep"], False
+    if len(run.val_set):
+        val = eval_loss(run.ema, run.val_set, run.alphas_cumprod, run.config, run.dtype)
+        improved, run.best_val = val < run.best_val, min(val, run.best_val)
+        write_log(dict(step=step, val_loss=val), run)
+    state = dict(script=NAME, model=run.model.state_dict(), ema=run.ema.state_dict(),
+                 opt=run.opt.state_dict(), scaler=run.scaler.state_dict(), step=step, rng=rng,
+                 config=run.config, meta=run.meta, best_val=run.best_val, extras=run.state)
+    for name in ["ckpt.pt"] + ["best.pt"] * improved + [f"ckpt_{step}.pt"] * periodic:
+        save_checkpoint(os.path.join(out, name), state)
+    periodic = sorted(int(f[5:-3]) for f in os.listdir(out) if f[:5] + f[-3:] == "ckpt_.pt")
+    for s in periodic[:-keep] if keep else []:
+        os.remove(os.path.join(out, f"ckpt_{s}.pt"))
+
+
+def sample_grid(run, step, trace=None):
+    """samples_<step>.png: the EMA model on the rows of conditions(["all"]), --per-label each, from
+    fixed seeds, so that grids of different steps compare; `trace` keeps each row's first path."""
+    cond, drop, nrow = conditions(["all"], run.config["per_label"], run.meta, run.config)
+    callback = None if trace is None else tracer(trace, slice(None, None, nrow))
+    with autocast(run.dtype, run.device):
+        x = generate(run.ema, cond, drop, run.alphas_cumprod, run.shape, run.config["seed"],
+                     **sampling(run.config), columns=nrow, callback=callback)
+    save_grid(x, os.path.join(run.config["out_dir"], f"samples_{step}.png"), nrow)
+    if run.writer:
+        run.writer.add_image("samples", torchvision.utils.make_grid(x * 0.5 + 0.5, nrow=nrow), step)
+    return x
+
+
+def reconstruction(run, path, fracs=(0.25, 0.5, 0.75, 1.0)):
+    """reconstruction.png: up to 8 training images (rows), each noised to t = T/4, T/2, 3T/4, T-1
+    and restored by the EMA model with its own condition (w=1; columns x_t, restored). Returns the
+    mean squared error of the restored images per t."""
+    images, cond = run.train_set[torch.arange(min(8, len(run.train_set)))]
+    x0, T = to_model(images, run.device), len(run.alphas_cumprod)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).to(run.device)
+    drop = torch.full((len(x0),), run.config["uncond"])
+    cols, errors = [x0], {}
+    for t in [round(f * (T - 1)) for f in fracs]:
+        xt = q_sample(x0, torch.full((len(x0),), t, device=run.device), noise, run.alphas_cumprod)
+        with autocast(run.dtype, run.device):
+            x = generate(run.ema, cond, drop, run.alphas_cumprod, run.shape,
+                         **dict(sampling(run.config), w=1.0), x=xt, t_start=t)
+        cols += [xt.clamp(-1, 1), x]
+        errors[t] = round(F.mse_loss(x.float(), x0).item(), 4)
+    save_grid(torch.stack(cols, 1).flatten(0, 1), path, len(cols))
+    return errors
+
+
 def train(args, device, ddp, rank, world):
-    master = rank == 0
-    torch.manual_seed(args.seed + rank)
-    images, labels, classes = get_data(args)
-    n_classes, n_val = len(classes), min(args.val_size, len(images) // 10)
-    val = images[len(images) - n_val:], labels[len(images) - n_val:]  # held out: the last n_val images
-    images, labels = images[:len(images) - n_val], labels[:len(images) - n_val]
-    per_epoch = len(images) // world // args.batch_size // args.accum  # optimizer steps per epoch
-    if per_epoch == 0:
-        die(f"--batch-size {args.batch_size} x --accum {args.accum} is more than the {len(images) // world} "
-            f"training images per device")
-    images = images.to(device) if args.data_on_device else images
-    alphas_cumprod = make_alphas_cumprod(vars(args), device)
-    raw = build_model(vars(args), n_classes).to(device)
-    ema = copy.deepcopy(raw).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, weight_decay=0.0, fused=device.type == "cuda")
-    step, best = 0, float("inf")
-    if args.resume:  # weights, EMA, optimizer, step, best validation loss and this rank's RNG state
-        path = os.path.join(args.out_dir, "ckpt.pt")
-        ck = load_checkpoint(path, device)
-        load_weights(raw, ck["model"], path)
-        load_weights(ema, ck["ema"], path)
-        opt.load_state_dict(ck["opt"])
-        torch.set_rng_state(ck["rng"][rank if len(ck["rng"]) == world else 0].cpu())
-        step, best = ck["step"], ck["best_val"]
-    wrapped = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw
+    """Train with the command line's settings, saving as it goes; returns the run (for --fid)."""
+    run, master = build_run(args, device, rank, world), rank == 0
+    wrapped = run.model
+    if ddp:
+        wrapped = DDP(run.model, device_ids=[device.index] if device.type == "cuda" else None)
     model = torch.compile(wrapped) if args.compile else wrapped
-    writer = start_run(args, raw, len(images), n_val, world, per_epoch, device) if master else None
-    stream = batches(len(images), args.batch_size, args.seed, rank, world, step * args.accum)
-    total, losses, t0, t_log, t_epoch = args.iters or args.epochs * per_epoch, [], time.time(), time.time(), time.time()
-    pbar = tqdm(range(step, total), initial=step, total=total, disable=not master)
-    for step in pbar:
-        lr = args.lr * min(1.0, (step + 1) / args.warmup)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        idx = [next(stream) for _ in range(args.accum)]
-        losses.append(train_step(model, wrapped, opt, idx, images, labels, alphas_cumprod, args, n_classes, ddp,
-                                 device))
-        update_ema(ema, raw, min(args.ema, (1 + step) / (10 + step)))
-        done = step + 1
-        epoch_end, last = done % per_epoch == 0, done == total
-        if done % args.log_every == 0 or epoch_end or last:
-            mean_loss = torch.stack(losses).mean()
-            if ddp:
-                dist.all_reduce(mean_loss)
-            rec = dict(step=done, loss=mean_loss.item() / world, lr=lr, elapsed=time.time() - t0,
-                       img_per_s=len(losses) * args.batch_size * world * args.accum / (time.time() - t_log))
-            if not math.isfinite(rec["loss"]):  # stop before anything is saved: ckpt.pt stays the last good one
-                sys.exit(f"loss is {rec['loss']} at step {done}; stopped, the last good ckpt.pt is kept")
-            losses, t_log = [], time.time()
-            if master:
-                pbar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
-                write_log(rec, args.out_dir, writer)
-        improved = False
-        if epoch_end or last:  # validation loss of the EMA model, the epoch's time
-            vl = val_loss(ema, val, alphas_cumprod, args, n_classes, device) if n_val else None
-            improved, best = vl is not None and vl < best, min(best, vl if vl is not None else best)
-            if master:
-                write_log(dict(step=done, epoch=math.ceil(done / per_epoch), val_loss=vl,
-                               epoch_time=time.time() - t_epoch, elapsed=time.time() - t0), args.out_dir, writer)
-            t_epoch = time.time()
-        if done % args.ckpt_every == 0 or epoch_end or last:
-            state = dict(model=raw.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=done,
-                         config=vars(args), classes=classes, best_val=best)
-            periodic = args.save_every and epoch_end and done % (args.save_every * per_epoch) == 0
-            save_run(args, state, ddp, world, master, improved, periodic)
-        if master and done % args.sample_every == 0 and not last:
-            sample_figure(ema, alphas_cumprod, args, n_classes, done, writer)
-    if master:
-        finish(args, ema, alphas_cumprod, images, labels, n_classes, total, best, writer, device)
-    return ema, alphas_cumprod, classes
+    lock_path = start_run(args, run, world) if master else None
+    try:
+        stream = loader(run.train_set, args.batch_size, args.seed, rank, world,
+                        run.step * args.accum, args.workers, device)
+        losses, run.t0, t_log = [], time.time(), time.time()
+        if master and "train" in EXTRAS:  # the source project's figures (last section)
+            EXTRAS["train"](run, run.step)
+        pbar = tqdm(range(run.step, run.total), initial=run.step, total=run.total,
+                    disable=not master)
+        for step in pbar:
+            # learning rate: linear warm-up, then constant or cosine decay (--lr-decay)
+            lr = get_lr(step, args.lr, args.warmup, run.total, args.lr_decay)
+            for group in run.opt.param_groups:
+                group["lr"] = lr
 
-def sample_figure(ema, alphas_cumprod, args, n_classes, step, writer, trace=None):
-    """samples_<step>.png: a row per class and an unconditional row, 10 fixed seeds each."""
-    grid = generate(ema, alphas_cumprod, [c for c in range(n_classes + 1) for _ in range(10)], args, n_classes,
-                    args.seed, trace)
-    save_grid(grid, os.path.join(args.out_dir, f"samples_{step}.png"), 10)
-    if writer:
-        writer.add_image("samples", torchvision.utils.make_grid(grid * 0.5 + 0.5, nrow=10), step)
-    return grid
+            # forward, backward and update on --accum micro-batches, then the EMA (warmed up)
+            micro = [next(stream) for _ in range(args.accum)]
+            losses.append(train_step(model, wrapped, run, micro, ddp))
+            update_ema(run.ema, run.model, min(args.ema, (1 + step) / (10 + step)))
+            done = step + 1
+            last, periodic = done == run.total, args.save_every and done % args.save_every == 0
+            save = last or periodic or done % args.ckpt_every == 0
 
-def finish(args, ema, alphas_cumprod, images, labels, n_classes, step, best, writer, device):
-    """The last samples_<step>.png and from it the seed's figures (sample_grid.png: its class rows;
-    timestep_grid.png: one sample per class denoising), reconstruction.png, the loss curve, and the
-    summary line with the training time."""
+            # logging, also before every save: a non-finite loss stops the run before it
+            if done % args.log_every == 0 or save:
+                rec = log_record(losses, done, lr, time.time() - t_log, run, ddp, world)
+                losses, t_log = [], time.time()
+                if master:
+                    write_log(rec, run)
+                    pbar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.1f}")
+
+            # checkpoint: ckpt.pt (atomically), best.pt, ckpt_<step>.pt every --save-every steps
+            if save:
+                run.step = done
+                save_run(run, done, periodic, ddp, world, master)
+
+            # sample grid of the EMA model (the last one's denoising paths), the extras' figures
+            if master and (done % args.sample_every == 0 or last):
+                trace = [] if last else None
+                sample_grid(run, done, trace)
+                if last:
+                    path_figure(trace, os.path.join(args.out_dir, "reverse.png"))
+                t_log = time.time()  # images/s counts training only
+            if master and "train" in EXTRAS:
+                EXTRAS["train"](run, done)
+        if master:
+            errors = reconstruction(run, os.path.join(args.out_dir, "reconstruction.png"))
+            print(f"done: step {run.total} in {time.time() - run.t0:.0f}s, loss {rec['loss']:.4f}, "
+                  f"reconstruction MSE by t {errors} -> {args.out_dir}")
+    finally:
+        if lock_path:
+            os.remove(lock_path)
+    return run
+
+
+# ----------------------------------------------------------------------------- entry points
+
+def load_run(path, device, dtype):
+    """A trained run from its checkpoint: the EMA model, built from the checkpoint's own config and
+    meta, with the run's noise schedule."""
+    ck = load_checkpoint(path, device)
+    run = new_run(ck["config"], ck["meta"], device, dtype)
+    load_weights(run.ema, ck["ema"], path)
+    run.ckpt, run.step = path, ck["step"]
+    return run
+
+
+def sample_main(run, args):
+    """--sample: samples.png (--labels, --per-label of each, with the command line's settings but
+    the run's --uncond), reverse.png (the rows' denoising paths) and with --gif denoise.gif,
+    unless the source project's extras draw instead."""
+    config = dict(vars(args), uncond=run.config["uncond"])
+    cond, drop, nrow = conditions(args.labels, args.per_label, run.meta, config)
+    if "sample" in EXTRAS and EXTRAS["sample"](run, args):
+        return
+    os.makedirs(args.out_dir, exist_ok=True)
     trace = []
-    grid = sample_figure(ema, alphas_cumprod, args, n_classes, step, writer, trace)
-    n = len(grid) - 10
-    save_grid(grid[:n], os.path.join(args.out_dir, "sample_grid.png"), 10)
-    path_figure(trace, list(range(0, n, 10)), os.path.join(args.out_dir, "timestep_grid.png"))
-    first = [int((labels == c).nonzero()[0]) for c in range(n_classes) if (labels == c).any()]
-    x0 = images[first].to(device).float() / 127.5 - 1
-    t0 = round(args.recon_t * (args.steps - 1))
-    rec = reconstruct(ema, x0, labels[first].to(device), alphas_cumprod, t0,
-                      os.path.join(args.out_dir, "reconstruction.png"))
-    recs = [json.loads(line) for line in open(os.path.join(args.out_dir, "log.jsonl"))]
-    times = [r["epoch_time"] for r in recs if "epoch_time" in r]  # over all resumed parts of the run
-    total, n_ep = sum(times), max(len(times), 1)
-    plot_loss(args.out_dir, recs, f"training {total / 60:.1f} min, {total / n_ep:.1f} s/epoch ({len(times)} epochs)")
-    loss = [r["loss"] for r in recs if "loss" in r][-1]
-    print(f"done: {step} steps in {total:.0f}s ({total / n_ep:.1f}s per epoch), loss {loss:.4f}, "
-          f"best validation loss {best:.4f}, reconstruction MSE at t={t0} {rec:.4f} -> {args.out_dir}")
+    with autocast(run.dtype, run.device):
+        x = generate(run.ema, cond, drop, run.alphas_cumprod, run.shape, args.seed,
+                     **sampling(config), columns=nrow, callback=tracer(trace))
+    save_grid(x, os.path.join(args.out_dir, "samples.png"), nrow)
+    path_figure([x[::nrow] for x in trace], os.path.join(args.out_dir, "reverse.png"))
+    if args.gif:
+        save_gif(trace, os.path.join(args.out_dir, "denoise.gif"), nrow)
+    print(f"wrote {len(x)} samples of step {run.step} to {args.out_dir}/samples.png")
 
-def plot_loss(out_dir, recs, title):
+
+def fid_reference(config, n):
+    """The real images --fid compares with (get_data's "fid" split), checked before any sampling."""
+    if not n:
+        return None
+    ref, meta = get_data(config, "fid")
+    if n > len(ref):
+        die(f"--fid {n}: the reference set ({meta['fid_ref']}) has only {len(ref)} images")
+    return ref, meta["fid_ref"]
+
+
+def run_fid(run, args, ref, rank, world, batch_size=250):
+    """fid.json: FID and Inception Score of --fid samples against as many reference images, each
+    sample conditioned as its reference image (each rank makes and measures its share, fid.evaluate
+    sums the statistics over the ranks); real_vs_fake.png to look at."""
+    import fid  # only here: the script runs without fid.py
+    data, name = ref
+    mine = torch.arange(rank, args.fid, world).split(batch_size)
+    drop = torch.full((batch_size,), run.config["uncond"])
+
+    def fake():
+        for i in mine:
+            with autocast(run.dtype, run.device):
+                x = generate(run.ema, data[i][1], drop[:len(i)], run.alphas_cumprod, run.shape,
+                             args.seed + 1 + int(i[0]), **sampling(vars(args)))
+            yield ((x.float() + 1) * 127.5).round().byte()  # uint8, as the PNGs papers measure
+    # the TF graph's preprocessing (fid.py's mode "tf"): FID comparable with the papers' numbers
+    cache = f"fid_stats_{name}_{run.shape[-1]}px_{args.fid}_tf.npz"
+    cache = os.path.join(run.config["data_dir"], cache)
+    try:
+        res = fid.evaluate(fake(), (data[i][0] for i in mine), sum(map(len, mine)), mode="tf",
+                           cache=None if name == "image-folder" else cache, inception_score=True,
+                           weights=args.fid_weights, device=run.device)
+    except (ValueError, RuntimeError, OSError) as e:
+        die(f"--fid: {str(e).splitlines()[0]}")
+    if rank == 0:
+        res = dict(fid_score=res["fid"], inception_score_mean=res["inception_score_mean"],
+                   inception_score_std=res["inception_score_std"], num_samples=res["n"],
+                   reference=name, mode=res["mode"], checkpoint=run.ckpt, step=run.step,
+                   **sampling(vars(args)))
+        with open(os.path.join(args.out_dir, "fid.json"), "w") as f:
+            json.dump(res, f, indent=2)
+        images, cond = data[torch.arange(10)]  # a look: ten real images above ten samples
+        with autocast(run.dtype, run.device):
+            x = generate(run.ema, cond, drop[:10], run.alphas_cumprod, run.shape, args.seed,
+                         **sampling(vars(args)))
+        save_grid(torch.cat([to_model(images, run.device), x]),
+                  os.path.join(args.out_dir, "real_vs_fake.png"), 10)
+        print(f"FID {res['fid_score']:.2f}, IS {res['inception_score_mean']:.2f} of {args.fid} "
+              f"samples against {name} -> {args.out_dir}/fid.json")
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device, ddp, rank, world = setup(args.device)
+    try:
+        if args.sample:  # the checkpoint's run; only rank 0 writes samples
+            run = load_run(args.ckpt or os.path.join(args.out_dir, "ckpt.pt"), device,
+                           amp_dtype(args.dtype, device))
+            ref = fid_reference(dict(run.config, data_dir=args.data_dir), args.fid)
+            if rank == 0:
+                sample_main(run, args)
+        else:
+            ref = fid_reference(vars(args), args.fid)
+            run = train(args, device, ddp, rank, world)
+        if args.fid:
+            run_fid(run, args, ref, rank, world)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- seed 002's extras
+
+def seed_figures(run, step):
+    """The seed's figures when training ends: sample_grid.png (the last grid's class rows, without
+    the unconditional one), timestep_grid.png (its name for reverse.png) and training_loss.png."""
+    if step != run.total:
+        return
+    out = run.config["out_dir"]
+    rows = 1 if run.config["uncond"] else len(run.meta["classes"])
+    with Image.open(os.path.join(out, f"samples_{step}.png")) as im:  # save_grid pads by 1 pixel
+        im.crop((0, 0, im.width, rows * (run.meta["size"] + 1) + 1)).save(
+            os.path.join(out, "sample_grid.png"))
+    shutil.copyfile(os.path.join(out, "reverse.png"), os.path.join(out, "timestep_grid.png"))
+    plot_loss(out, run.per_epoch)
+
+
+def plot_loss(out_dir, per_epoch):
+    """training_loss.png: the training loss and the EMA model's validation loss by step from
+    log.jsonl, the training time in the title (matplotlib; without it one line says so)."""
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        recs = [json.loads(line) for line in f]
+    elapsed = [r["elapsed"] for r in recs if "elapsed" in r]
+    # elapsed restarts with every --resume: the run's time is the sum of each part's last value
+    seconds = sum(a for a, b in zip(elapsed, elapsed[1:] + [0]) if b < a)
+    epochs = max(r["step"] for r in recs) / max(per_epoch, 1)
+    title = (f"training {seconds / 60:.1f} min, {seconds / epochs:.1f} s per epoch "
+             f"({epochs:.1f} epochs)")
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print(f"matplotlib is not installed: training_loss.png skipped; the numbers are in {out_dir}/log.jsonl")
+        tqdm.write(f"matplotlib is not installed: no training_loss.png ({title}; the losses are "
+                   f"in {out_dir}/log.jsonl)")  # below the progress bar, not into it
         return
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("loss", "train"), ("val_loss", "validation (EMA)")):
-        ax.plot(*zip(*[(r["step"], r[key]) for r in recs if r.get(key) is not None]), label=label)
-    ax.set(xlabel="step", ylabel="MSE loss", yscale="log", title=title)
+    for key, label in (("loss", "training"), ("val_loss", "validation (EMA model)")):
+        points = [(r["step"], r[key]) for r in recs if key in r]
+        if points:
+            ax.plot(*zip(*points), label=label)
+    ax.set(xlabel="step", ylabel="loss", yscale="log", title=title)
     ax.legend()
     fig.savefig(os.path.join(out_dir, "training_loss.png"), dpi=100, bbox_inches="tight")
     plt.close(fig)
 
-# ----------------------------------------------------------------------------- sampling entry point
-def parse_labels(text, classes):
-    """'all', or comma-separated class indices or names and 'uncond' (the null class, index len(classes))."""
-    names = [str(i) for i in range(len(classes))] + ["uncond"]
-    if text == "all":
-        return list(range(len(names)))
-    out = [names.index(s) if s in names else classes.index(s) if s in classes else -1 for s in text.split(",")]
-    if -1 in out:
-        die(f"--labels: unknown class in {text!r} (use 0-{len(classes) - 1}, a class name, 'uncond' or 'all')")
-    return out
 
-def main(argv=None):
-    args = get_args(argv)
-    device, ddp, rank, world = setup(args)
-    path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
-    if args.sample or args.eval:  # the EMA model of --ckpt, built from the checkpoint's own config
-        ck = load_checkpoint(path, device)
-        classes = ck["classes"]
-        model = build_model(ck["config"], len(classes)).to(device).eval()
-        load_weights(model, ck["ema"], path)
-        alphas_cumprod = make_alphas_cumprod(ck["config"], device)
-        os.makedirs(args.out_dir, exist_ok=True)
-    else:
-        model, alphas_cumprod, classes = train(args, device, ddp, rank, world)
-        path = os.path.join(args.out_dir, "ckpt.pt")
-    if args.sample and rank == 0:
-        labels = [lab for lab in parse_labels(args.labels, classes) for _ in range(args.n)]
-        trace = []
-        with autocast(args, device):
-            x = generate(model, alphas_cumprod, labels, args, len(classes), args.seed, trace)
-        save_grid(x, os.path.join(args.out_dir, "samples.png"), args.n)
-        path_figure(trace, list(range(0, len(x), args.n)), os.path.join(args.out_dir, "timestep_grid.png"))
-        if args.gif:
-            save_gif(trace, os.path.join(args.out_dir, "denoise.gif"), args.n)
-        print(f"wrote {len(x)} samples to {args.out_dir}/samples.png")
-    if args.fid:
-        with autocast(args, device):
-            run_fid(args, model, alphas_cumprod, len(classes), path, rank, world)
-    if ddp:
-        dist.destroy_process_group()
+EXTRAS.update(
+    spellings={"--hidden-dim": "--width", "--num-heads": "--heads", "--num-epochs": "--epochs",
+               "--num-steps": "--steps", "--learning-rate": "--lr", "--guidance-scale": "--cfg",
+               "--checkpoint": "--ckpt", "--num-samples": "--fid", "--eval": "--sample",
+               "--calculate-fid": None, "--calculate-is": None, "--is": None},
+    train=seed_figures)
+
 
 if __name__ == "__main__":
     main()

@@ -2,9 +2,9 @@
 --uncond), then sample from it by class or, with CLIP, from a text prompt.
 
     python mnist_ddpm.py                                  # train; MNIST is downloaded into ./data
-    python mnist_ddpm.py --uncond                         # plain unconditional DDPM (the seed's Task 1)
+    python mnist_ddpm.py --uncond                         # plain DDPM, no labels (seed's Task 1)
     python mnist_ddpm.py --sample --labels 3,7 --cfg 3    # sample from out/mnist_ddpm/ckpt.pt
-    python mnist_ddpm.py --sample --clip-prompt "two"     # CLIP-guided (pip install open_clip_torch)
+    python mnist_ddpm.py --sample --clip-prompt "two"     # CLIP-guided: pip install open_clip_torch
     python mnist_ddpm.py --sample --fid 10000             # FID against the MNIST test set (fid.py)
     torchrun --nproc_per_node=4 mnist_ddpm.py             # several GPUs, DistributedDataParallel
 
@@ -16,139 +16,241 @@ import copy
 import json
 import math
 import os
+import socket
 import sys
 import time
 from contextlib import nullcontext
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DistributedSampler
 from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
 from tqdm import tqdm
 
-IMAGE_SIZE, CHANNELS = 28, 1
+# ----------------------------------------------------------------------------- config
 
-
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("data")
-    g.add_argument("--data-dir", default="./data", help="where MNIST lives or is downloaded to")
-    g.add_argument("--image-folder", default=None, help="your own images, one sub-folder per class")
-    g.add_argument("--limit", type=int, default=0, help="use only the first N training images (0: all)")
-    g.add_argument("--data-on-device", action="store_true", help="keep the uint8 data set on the GPU")
-    g = p.add_argument_group("model")
-    g.add_argument("--width", type=int, default=32, help="base channels of the U-Net")
-    g.add_argument("--depth", type=int, default=2, help="residual blocks per resolution")
-    g.add_argument("--dropout", type=float, default=0.0, help="dropout in residual blocks")
-    g.add_argument("--uncond", action="store_true", help="plain DDPM without labels (seed Task 1)")
-    g = p.add_argument_group("diffusion")
-    g.add_argument("--steps", "--timesteps", type=int, default=1000, help="diffusion timesteps T")
-    g.add_argument("--schedule", choices=["cosine", "linear"], default="cosine", help="noise schedule")
-    g.add_argument("--p-uncond", type=float, default=0.1, help="probability of dropping the label")
-    g = p.add_argument_group("training")
-    g.add_argument("--iters", type=int, default=1500, help="optimizer steps")
-    g.add_argument("--batch-size", type=int, default=64, help="images per step per device")
-    g.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate after warm-up")
-    g.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up, steps")
-    g.add_argument("--ema", type=float, default=0.999, help="EMA decay (warmed up as (1+n)/(10+n))")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
-    g.add_argument("--seed", type=int, default=0, help="random seed; runs are repeatable")
-    g.add_argument("--log-every", type=int, default=50, help="steps between log.jsonl lines")
-    g.add_argument("--sample-every", type=int, default=1000, help="steps between sample grids")
-    g.add_argument("--ckpt-every", type=int, default=500, help="steps between ckpt.pt saves")
-    g.add_argument("--save-every", type=int, default=0, help="also keep ckpt_<step>.pt every N steps")
-    g.add_argument("--keep", type=int, default=0, help="keep at most K periodic checkpoints (0: all)")
-    g.add_argument("--resume", action="store_true", help="continue from the run's ckpt.pt")
-    g = p.add_argument_group("sampling")
-    g.add_argument("--sample", action="store_true", help="no training: sample from --ckpt")
-    g.add_argument("--ckpt", default=None, help="checkpoint to sample from (default: run's ckpt.pt)")
-    g.add_argument("--labels", default="all", help="comma-separated digits, 'uncond', or 'all'")
-    g.add_argument("--n", type=int, default=10, help="samples per label with --sample")
-    g.add_argument("--cfg", "--guidance_scale", type=float, default=2.0,
-                   help="guidance W: eps_u + W*(eps_c - eps_u); 0 uncond, 1 cond")
-    g.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], default="ddim", help="reverse process")
-    g.add_argument("--sample-steps", type=int, default=50, help="steps K of ddim/dpmpp (ddpm uses T)")
-    g.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 ancestral")
-    g.add_argument("--gif", action="store_true", help="with --sample, also write denoise.gif")
-    g.add_argument("--fid", type=int, default=0, help="FID from N samples against the test set")
-    g.add_argument("--fid-weights", default="download", help="FID Inception weights: download or a path")
-    g.add_argument("--clip-prompt", default=None, help="CLIP-guided sampling toward this text")
-    g.add_argument("--clip-scale", type=float, default=2.0, help="CLIP guidance scale (seed: 2.0)")
-    g.add_argument("--clip-steps", type=int, default=5, help="CLIP gradient steps per timestep")
-    g.add_argument("--clip-lr", type=float, default=0.15, help="CLIP gradient step size")
-    g = p.add_argument_group("system")
-    g.add_argument("--out-dir", default="out/mnist_ddpm", help="where everything is written")
-    g.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
-    g.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="autocast dtype; auto is bf16 on CUDA, fp32 elsewhere")
-    g.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
-    g.add_argument("--tensorboard", action="store_true", help="also log to <out-dir>/tb")
-    g.add_argument("--config", default=None, help="a run's config.json to use as defaults")
-    args = p.parse_args(argv)
-    if args.config:  # a saved config becomes the defaults; flags given on the command line still win
-        if not os.path.isfile(args.config):
-            die(f"--config: no such file {args.config}")
-        p.set_defaults(**{k: v for k, v in json.load(open(args.config)).items() if k != "config"})
-        args = p.parse_args(argv)
-    for flag, ok in [("--steps", args.steps > 0), ("--cfg", args.cfg >= 0), ("--iters", args.iters > 0),
-                     ("--sample-steps", args.sample_steps > 0), ("--n", args.n > 0),
-                     ("--batch-size", args.batch_size > 0), ("--p-uncond", 0 <= args.p_uncond < 1)]:
-        if not ok:
-            die(f"{flag} is out of range (see --help)")
-    return args
+NAME = "mnist_ddpm"  # names the output folder; checkpoints record it
+DEFAULTS = dict(  # this script's values of the flags whose defaults differ between the five scripts
+    width=32, depth=2, dropout=0.0, steps=1000, schedule="cosine", p_uncond=0.1, iters=1500,
+    batch_size=64, lr=2e-3, lr_decay="none", warmup=200, weight_decay=0.0, ema=0.999, val_size=0,
+    workers=0, log_every=50, sample_every=1000, ckpt_every=500, cfg=2.0, per_label=10,
+    sample_steps=50, eta=0.0)
+OWN_FLAGS = []  # this script's flags beyond the collection's: (flag, argparse keywords)
+EXTRAS = {}  # the source project's extras register here (last section); the rest runs without them
 
 
 def die(msg):
+    """Bad input: one line on stderr, exit status 2."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 
+def get_args(argv=None):
+    """SPEC's flags with this script's DEFAULTS, its OWN_FLAGS and its source project's spellings;
+    --config's settings become defaults that the command line overrides."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.error = die  # argparse's own errors in one line too
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", default="./data", help="where the data set is or is downloaded to")
+    g.add_argument("--image-folder", help="train on your own images, one sub-folder per class")
+    g.add_argument("--limit", type=int, default=0, help="use the first N training images (0: all)")
+    g.add_argument("--val-size", type=int, help="images held out for the validation loss, best.pt")
+    g.add_argument("--workers", type=int, help="DataLoader processes that decode images")
+    g = p.add_argument_group("model and diffusion")
+    g.add_argument("--width", type=int, help="base channels (U-Net) or hidden size (DiT)")
+    g.add_argument("--depth", type=int, help="blocks per resolution (U-Net) or in all (DiT)")
+    g.add_argument("--dropout", type=float, help="dropout probability in the blocks")
+    g.add_argument("--steps", type=int, help="diffusion timesteps T of the noise schedule")
+    g.add_argument("--schedule", choices=["linear", "cosine", "sigmoid"], help="noise schedule")
+    g.add_argument("--p-uncond", type=float, help="probability of dropping the condition (CFG)")
+    g.add_argument("--uncond", action="store_true", help="plain DDPM: the condition is never used")
+    g.add_argument("--loss", choices=["mse", "l1"], default="mse", help="loss on the prediction")
+    g = p.add_argument_group("training")
+    g.add_argument("--iters", type=int, help="optimizer steps")
+    g.add_argument("--epochs", type=int, default=0, help="passes over the data (0: --iters)")
+    g.add_argument("--batch-size", type=int, help="images per micro-batch and device")
+    g.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, help="AdamW learning rate after the warm-up")
+    g.add_argument("--lr-decay", choices=["none", "cosine"], help="after the warm-up: to 0 or not")
+    g.add_argument("--warmup", type=int, help="steps of linear learning-rate warm-up")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="largest gradient norm (0: off)")
+    g.add_argument("--ema", type=float, help="EMA decay, warmed up as (1 + n) / (10 + n)")
+    g.add_argument("--seed", type=int, default=0, help="random seed: runs are repeatable")
+    g.add_argument("--log-every", type=int, help="steps between log.jsonl lines")
+    g.add_argument("--sample-every", type=int, help="steps between samples_<step>.png grids")
+    g.add_argument("--ckpt-every", type=int, help="steps between ckpt.pt saves")
+    g.add_argument("--save-every", type=int, default=0, help="steps between kept ckpt_<step>.pt")
+    g.add_argument("--keep", type=int, default=0, help="keep the newest K ckpt_<step>.pt (0: all)")
+    g.add_argument("--resume", action="store_true", help="continue from the run's ckpt.pt")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--sample", action="store_true", help="no training: sample from --ckpt")
+    g.add_argument("--ckpt", help="checkpoint to sample from (default: the run's ckpt.pt)")
+    g.add_argument("--labels", nargs="+", default=["all"], help="what to sample (see conditions)")
+    g.add_argument("--per-label", type=int, help="samples of each label with --sample (a row)")
+    g.add_argument("--cfg", type=float, help="guidance W: e_u + W (e_c - e_u); 0 uncond, 1 cond")
+    g.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], default="ddim",
+                   help="ancestral DDPM on all T steps, DDIM or DPM-Solver++(2M) on --sample-steps")
+    g.add_argument("--sample-steps", type=int, help="steps K of ddim and dpmpp")
+    g.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic, 1 ancestral")
+    g.add_argument("--gif", action="store_true", help="with --sample, also write denoise.gif")
+    g.add_argument("--fid", type=int, default=0, help="FID and IS of N samples (fid.json)")
+    g.add_argument("--fid-weights", default="download", help="Inception weights: download, a path")
+    g = p.add_argument_group("system")
+    g.add_argument("--out-dir", default=f"out/{NAME}", help="where everything is written")
+    g.add_argument("--device", choices=["cuda", "mps", "cpu"], help="default: the best present")
+    g.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="autocast; auto: bf16 on CUDA 8.0+, fp16 on older CUDA, else fp32")
+    g.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
+    g.add_argument("--tensorboard", action="store_true", help="also log to <out-dir>/tb")
+    g.add_argument("--config", help="a run's config.json: its settings become the defaults")
+    g = p.add_argument_group(f"{NAME} and its source project")
+    for flag, kw in OWN_FLAGS + EXTRAS.get("flags", []):
+        g.add_argument(flag, **kw)
+    p.set_defaults(**DEFAULTS)
+    spellings = EXTRAS.get("spellings", {})  # the source project's flag names -> ours (None: drop)
+    argv = [spellings.get(a, a) for a in (sys.argv[1:] if argv is None else argv)]
+    argv = [a for a in argv if a is not None]
+    args = p.parse_args(argv)
+    if args.config:  # a new run with a saved run's settings: never its --resume or --sample
+        try:
+            with open(args.config) as f:
+                config = dict(json.load(f), config=None, resume=False, sample=False)
+        except (OSError, ValueError, TypeError) as e:
+            die(f"--config {args.config}: not a readable config.json ({type(e).__name__})")
+        unknown = sorted(set(config) - set(vars(args)))
+        if unknown:
+            die(f"--config {args.config}: not a config of {NAME}.py (has {unknown[0]!r})")
+        p.set_defaults(**config)
+        args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(a):
+    """The range of every number, in one table: the first one outside ends the run, in one line."""
+    checks = [("--steps", a.steps > 0, "> 0"), ("--iters", a.iters > 0, "> 0"),
+              ("--epochs", a.epochs >= 0, ">= 0"), ("--batch-size", a.batch_size > 0, "> 0"),
+              ("--accum", a.accum > 0, "> 0"), ("--lr", a.lr > 0, "> 0"),
+              ("--warmup", a.warmup >= 0, ">= 0"), ("--weight-decay", a.weight_decay >= 0, ">= 0"),
+              ("--grad-clip", a.grad_clip >= 0, ">= 0"), ("--ema", 0 <= a.ema < 1, "in [0, 1)"),
+              ("--p-uncond", 0 <= a.p_uncond < 1, "in [0, 1)"), ("--width", a.width > 0, "> 0"),
+              ("--depth", a.depth > 0, "> 0"), ("--dropout", 0 <= a.dropout < 1, "in [0, 1)"),
+              ("--limit", a.limit >= 0, ">= 0"), ("--val-size", a.val_size >= 0, ">= 0"),
+              ("--workers", a.workers >= 0, ">= 0"), ("--log-every", a.log_every > 0, "> 0"),
+              ("--sample-every", a.sample_every > 0, "> 0"), ("--keep", a.keep >= 0, ">= 0"),
+              ("--ckpt-every", a.ckpt_every > 0, "> 0"), ("--cfg", a.cfg >= 0, ">= 0"),
+              ("--save-every", a.save_every >= 0, ">= 0"), ("--per-label", a.per_label > 0, "> 0"),
+              ("--sample-steps", a.sample_steps > 0, "> 0"), ("--eta", 0 <= a.eta <= 1, "in [0,1]"),
+              ("--fid", a.fid == 0 or a.fid >= 10, "0 or >= 10 (IS splits the samples in 10)")]
+    for flag, ok, rule in checks:
+        if not ok:
+            die(f"{flag} {getattr(a, flag[2:].replace('-', '_'))}: must be {rule}")
+
+
 # ----------------------------------------------------------------------------- data
 
-def get_data(args, train=True):
-    """The whole data set as uint8 [N, 1, 28, 28] plus labels [N] and the class names."""
-    if args.image_folder:
-        if not os.path.isdir(args.image_folder):
-            die(f"--image-folder: no such folder {args.image_folder}")
-        tf = torchvision.transforms.Compose([torchvision.transforms.Grayscale(1),
-                                             torchvision.transforms.Resize(IMAGE_SIZE),
-                                             torchvision.transforms.CenterCrop(IMAGE_SIZE),
-                                             torchvision.transforms.PILToTensor()])
-        try:
-            ds = torchvision.datasets.ImageFolder(args.image_folder, transform=tf)
-        except (FileNotFoundError, RuntimeError) as e:
-            die(f"--image-folder {args.image_folder}: {e}".splitlines()[0])
-        order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))  # folders list class by class
-        images = torch.stack([ds[i][0] for i in order])
-        labels, classes = torch.tensor(ds.targets)[order], ds.classes
-    else:
-        try:
-            ds = torchvision.datasets.MNIST(args.data_dir, train=train, download=True)
-        except Exception as e:  # no network: say where the files go
-            die(f"could not get MNIST ({e}); put train-images-idx3-ubyte, train-labels-idx1-ubyte, "
-                f"t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte in {args.data_dir}/MNIST/raw/")
-        images, labels, classes = ds.data[:, None], ds.targets, [str(i) for i in range(10)]
-    if args.limit:
-        images, labels = images[:args.limit], labels[:args.limit]
-    return images, labels, classes
+META = dict(classes=[str(i) for i in range(10)], channels=1, size=28, hflip=False,
+            fid_ref="mnist-test")  # the facts of the data set (get_data's meta for MNIST)
 
 
-def batches(n, batch_size, seed, rank, world, start_step):
-    """Index batches forever, epoch after epoch; the same seed and step give the same batch."""
+def get_data(config, split="train"):
+    """(data set of (uint8 [1, 28, 28] image, label) pairs, meta): MNIST's training set, or for
+    split="fid" the FID reference (its test set); or --image-folder (its own reference)."""
+    if config["image_folder"]:
+        images, labels, classes = image_folder(config["image_folder"], 28, 1)
+        return TensorDataset(images, labels), dict(META, classes=classes, fid_ref="image-folder")
+    root = config["data_dir"]
+    ds = download_once(lambda: torchvision.datasets.MNIST(root, split == "train", download=True),
+                       f"put train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-"
+                       f"ubyte and t10k-labels-idx1-ubyte in {root}/MNIST/raw/")
+    return TensorDataset(ds.data[:, None], ds.targets), dict(META)
+
+
+def conditions(labels, per_label, meta, config):
+    """(cond, drop, row length) of --labels: class names or indices, 'uncond', or 'all'."""
+    return label_conds(labels, per_label, meta, config["uncond"])
+
+
+def image_folder(path, size, channels):
+    """uint8 [N, C, size, size] images (resized, centre-cropped), labels and class names of an
+    ImageFolder tree, in a fixed random order (so that --limit and the held-out images see every
+    class). An unreadable image stops the start, naming the file."""
+    if not os.path.isdir(path):
+        die(f"--image-folder {path}: not a folder")
+    tf = torchvision.transforms
+    resize = tf.Compose([tf.Resize(size), tf.CenterCrop(size), tf.PILToTensor()])
+    try:
+        ds = torchvision.datasets.ImageFolder(path)
+    except (FileNotFoundError, RuntimeError) as e:
+        die(f"--image-folder {path}: {e}".splitlines()[0])
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0)).tolist()
+    images = []
+    for i in tqdm(order, desc="reading images", leave=False, disable=None):  # None: on a terminal
+        try:
+            with Image.open(ds.samples[i][0]) as im:
+                images.append(resize(im.convert("L" if channels == 1 else "RGB")))
+        except OSError as e:
+            die(f"--image-folder: {ds.samples[i][0]} is not a readable image ({e})")
+    return torch.stack(images), torch.tensor(ds.targets)[order], ds.classes
+
+
+def download_once(fetch, where):
+    """A torchvision data set, downloaded by one process per machine while the others wait."""
+    wait = dist.is_initialized() and int(os.environ.get("LOCAL_RANK", 0)) > 0
+    if wait:
+        dist.barrier()
+    try:
+        ds = fetch()
+    except Exception as e:  # no network, or broken files: say which files go where
+        die(f"could not read or download the data set ({type(e).__name__}); {where}")
+    if dist.is_initialized() and not wait:
+        dist.barrier()
+    return ds
+
+
+def split_data(data, limit, val_size):
+    """(train, val): the last val_size images (at most a tenth) held out, the same in every run;
+    train: the first --limit of the others (0: all)."""
+    n = len(data) - min(val_size, len(data) // 10)
+    return Subset(data, torch.arange(min(limit or n, n))), Subset(data, torch.arange(n, len(data)))
+
+
+def batches(n, batch_size, seed, rank, world, start):
+    """Index batches forever, epoch after epoch, each rank its share; the same seed and start give
+    the same batches, so --resume continues mid-epoch."""
     sampler = DistributedSampler(range(n), world, rank, shuffle=True, seed=seed, drop_last=True)
     per_epoch = len(sampler) // batch_size
-    epoch, skip = divmod(start_step, per_epoch)
+    epoch, skip = divmod(start, per_epoch)
     while True:
         sampler.set_epoch(epoch)
         idx = torch.tensor(list(sampler))
         for b in range(skip, per_epoch):
             yield idx[b * batch_size:(b + 1) * batch_size]
         epoch, skip = epoch + 1, 0
+
+
+def loader(data, batch_size, seed, rank, world, start, workers, device):
+    """(uint8 images, conditions) batches from batch `start` on, fetched by `workers` processes; its
+    own generator leaves the global random stream alone (exact --resume)."""
+    if len(data) // world < batch_size:
+        die(f"--batch-size {batch_size} is larger than the data set ({len(data) // world} images "
+            f"per device)")
+    return iter(DataLoader(data, batch_size=None, num_workers=workers, generator=torch.Generator(),
+                           sampler=batches(len(data), batch_size, seed, rank, world, start),
+                           pin_memory=device.type == "cuda", persistent_workers=workers > 0))
+
+
+def to_model(images, device):
+    """uint8 [0, 255] -> float [-1, 1] on the device, channels_last (faster convolutions)."""
+    x = images.to(device, non_blocking=True).float() / 127.5 - 1
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 # ----------------------------------------------------------------------------- model
@@ -161,13 +263,15 @@ def timestep_embedding(t, dim):
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice; the embedding enters by FiLM: h = norm(h) * (1 + scale) + shift."""
+    """GroupNorm-SiLU-conv twice; FiLM by the embedding: h = norm(h) * (1 + scale) + shift."""
 
     def __init__(self, cin, cout, emb_dim, dropout):
         super().__init__()
-        self.norm1, self.conv1 = nn.GroupNorm(8, cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm1 = nn.GroupNorm(8, cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
         self.film = nn.Linear(emb_dim, 2 * cout)
-        self.norm2, self.conv2 = nn.GroupNorm(8, cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.norm2 = nn.GroupNorm(8, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.dropout = nn.Dropout(dropout)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
@@ -183,27 +287,31 @@ class Attention(nn.Module):
 
     def __init__(self, ch, heads=4):
         super().__init__()
-        self.heads, self.norm = heads, nn.GroupNorm(8, ch)
-        self.qkv, self.proj = nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
+        self.heads = heads
+        self.norm = nn.GroupNorm(8, ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
 
     def forward(self, x):
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).unbind(1)
-        h = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # [B, heads, H*W, C/heads] each
+        h = F.scaled_dot_product_attention(q, k, v)
         return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
 
 
 class UNet(nn.Module):
     """28 -> 14 -> 7 U-Net: residual blocks, attention at the 7x7 bottleneck, skips concatenated.
-    The label embedding (index n_classes is the null label of CFG) is added to the time embedding."""
+    The label embedding (row n_classes: the null label of CFG) is added to the time embedding."""
 
-    def __init__(self, width=32, depth=2, mults=(1, 2, 2), n_classes=10, dropout=0.0):
+    def __init__(self, width=32, depth=2, n_classes=10, dropout=0.0, mults=(1, 2, 2)):
         super().__init__()
         emb_dim, chs = 4 * width, [width * m for m in mults]
-        self.width = width
-        self.time_mlp = nn.Sequential(nn.Linear(width, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.label_emb = nn.Embedding(n_classes + 1, emb_dim) if n_classes else None
-        self.stem = nn.Conv2d(CHANNELS, width, 3, padding=1)
+        self.width, self.null = width, n_classes
+        self.time_mlp = nn.Sequential(nn.Linear(width, emb_dim), nn.SiLU(),
+                                      nn.Linear(emb_dim, emb_dim))
+        self.label_emb = nn.Embedding(n_classes + 1, emb_dim)
+        self.stem = nn.Conv2d(1, width, 3, padding=1)
         self.down, skips, c = nn.ModuleList(), [width], width
         for i, co in enumerate(chs):
             for _ in range(depth):
@@ -221,13 +329,13 @@ class UNet(nn.Module):
                 self.up.append(ResBlock(c + skips.pop(), co, emb_dim, dropout))
                 c = co
             if i > 0:
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(c, c, 3, padding=1)))
-        self.out = nn.Sequential(nn.GroupNorm(8, c), nn.SiLU(), nn.Conv2d(c, CHANNELS, 3, padding=1))
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2),
+                                             nn.Conv2d(c, c, 3, padding=1)))
+        self.out = nn.Sequential(nn.GroupNorm(8, c), nn.SiLU(), nn.Conv2d(c, 1, 3, padding=1))
 
-    def forward(self, x, t, y=None):
-        emb = self.time_mlp(timestep_embedding(t, self.width))
-        if self.label_emb is not None:
-            emb = emb + self.label_emb(y)
+    def forward(self, x, t, y, drop):
+        y = torch.where(drop, self.null, y)
+        emb = self.time_mlp(timestep_embedding(t, self.width)) + self.label_emb(y)
         h = self.stem(x)
         hs = [h]
         for m in self.down:
@@ -240,121 +348,738 @@ class UNet(nn.Module):
         return self.out(h)
 
 
+def build_model(config, meta):
+    """The network for a run's settings and its data's facts."""
+    if config["width"] % 8:
+        die(f"--width {config['width']}: must be a multiple of 8 (GroupNorm's 8 groups)")
+    return UNet(config["width"], config["depth"], len(meta["classes"]), config["dropout"])
+
+
 # ----------------------------------------------------------------------------- diffusion
 
 def make_betas(schedule, T):
-    if schedule == "linear":  # Ho et al.: 1e-4 .. 0.02 at T=1000, scaled so any T ends equally noisy
-        return torch.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=torch.float64).clamp(max=0.999)
-    # cosine (Nichol & Dhariwal): abar(t) = f(t)/f(0), f(t) = cos((t/T + s)/(1 + s) * pi/2)^2
-    f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + 0.008) / 1.008 * math.pi / 2) ** 2
-    return (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    """beta_1..beta_T, each below 0.999 so that abar_T > 0 however short the schedule."""
+    if schedule == "cosine":  # Nichol & Dhariwal: abar(t) = f(t) / f(0), f = cos(...)^2
+        f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + 0.008) / 1.008 * math.pi / 2)
+        return (1 - f[1:] ** 2 / f[:-1] ** 2).clamp(max=0.999)
+    if schedule == "sigmoid":  # sigmoid(linspace(-6, 6)) between 1e-4 and 0.02
+        betas = torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64)) * (0.02 - 1e-4) + 1e-4
+    else:  # linear (Ho et al.): 1e-4 .. 0.02
+        betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+    return (betas * 1000 / T).clamp(max=0.999)  # those are for T=1000: any T ends as noisy
+
+
+def make_alphas_cumprod(schedule, T, device):
+    """abar_t = prod_{s <= t} (1 - beta_s), float32 on the device."""
+    return torch.cumprod(1 - make_betas(schedule, T), 0).float().to(device)
 
 
 def q_sample(x0, t, noise, alphas_cumprod):
     """x_t = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * eps"""
-    abar = alphas_cumprod[t].view(-1, 1, 1, 1)
+    abar = alphas_cumprod[t].view(-1, *[1] * (x0.dim() - 1))
     return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
 
-def p_losses(model, x0, y, alphas_cumprod, p_uncond, null):
-    """Simple DDPM loss ||eps - eps_theta(x_t, t, y)||^2; labels dropped to `null` with p_uncond."""
-    t = torch.randint(0, len(alphas_cumprod), (x0.shape[0],), device=x0.device)
-    noise = torch.randn_like(x0)
-    if y is not None and p_uncond > 0:
-        y = torch.where(torch.rand(y.shape, device=y.device) < p_uncond, null, y)
-    return F.mse_loss(model(q_sample(x0, t, noise, alphas_cumprod), t, y).float(), noise)
+def loss_target(x0, noise, abar):
+    """What the network learns to predict: the noise eps (Ho et al.)."""
+    return noise
+
+
+def eps_from_pred(pred, x, abar):
+    """The network's prediction as the noise eps that the samplers take: it is eps."""
+    return pred
+
+
+def p_losses(model, x0, cond, alphas_cumprod, p_uncond, loss="mse", t=None, noise=None, drop=None):
+    """||loss_target - model(x_t, t, cond)||^2 (or L1), x_t = q_sample(x0, t, eps), the condition
+    dropped with probability p_uncond (CFG). t, eps and the drops are drawn from the CPU generator,
+    which --resume restores on any device, unless given."""
+    B, device = x0.shape[0], x0.device
+    t = torch.randint(0, len(alphas_cumprod), (B,)).to(device) if t is None else t
+    noise = torch.randn(x0.shape).to(device) if noise is None else noise
+    drop = (torch.rand(B) < p_uncond).to(device) if drop is None else drop
+    pred = model(q_sample(x0, t, noise, alphas_cumprod), t, cond, drop).float()
+    target = loss_target(x0, noise, alphas_cumprod[t].view(-1, 1, 1, 1))
+    return F.mse_loss(pred, target) if loss == "mse" else F.l1_loss(pred, target)
+
+
+@torch.no_grad()
+def eval_loss(model, data, alphas_cumprod, config, dtype, batch_size=250):
+    """Mean loss over `data`, condition kept, on timesteps and noise fixed by seed 0: comparable
+    between steps, and the training's random streams are untouched."""
+    g, total, device = torch.Generator().manual_seed(0), 0.0, alphas_cumprod.device
+    for idx in torch.arange(len(data)).split(batch_size):
+        images, cond = data[idx]
+        x0 = to_model(images, device)
+        t = torch.randint(0, len(alphas_cumprod), (len(x0),), generator=g).to(device)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        drop = torch.full((len(x0),), config["uncond"], device=device)
+        with autocast(dtype, device):
+            loss = p_losses(model, x0, cond.to(device), alphas_cumprod, 0, config["loss"], t, noise,
+                            drop)
+        total += loss.item() * len(x0)
+    return total / len(data)
 
 
 # ----------------------------------------------------------------------------- sampling
 
-def cfg_denoiser(model, y, w, null):
-    """eps(x, t) with classifier-free guidance: eps = eps_u + w * (eps_c - eps_u) (SPEC's convention:
-    w=0 unconditional, w=1 conditional), both halves in one doubled batch."""
-    if y is None or w in (0, 1):  # one half is enough: w=1 is eps_c, w=0 is eps_u
-        y = y if y is None or w == 1 else torch.full_like(y, null)
-        return lambda x, t: model(x, t, y).float()
+def cfg_denoiser(model, cond, drop, w):
+    """The prediction with classifier-free guidance, pred = pred_u + w * (pred_c - pred_u) (SPEC:
+    w=0 unconditional, w=1 conditional), both halves in one doubled batch; rows with drop stay
+    unconditional."""
+    if w in (0, 1) or drop.all():  # one half is enough
+        d = torch.ones_like(drop) if w == 0 else drop
+        return lambda x, t: model(x, t, cond, d).float()
+
+    def pred_fn(x, t):
+        pred_c, pred_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, cond]),
+                               torch.cat([drop, torch.ones_like(drop)])).float().chunk(2)
+        return pred_u + w * (pred_c - pred_u)
+    return pred_fn
+
+
+def denoiser(model, cond, drop, w, alphas_cumprod):
+    """eps(x, t) for the samplers: the guided prediction as eps, the clean image it implies clipped
+    to [-1, 1] and eps recomputed. Near t = T, x0 = (x - sqrt(1-abar) eps) / sqrt(abar) multiplies
+    any error of eps by 1/sqrt(abar) (2e4 with the cosine schedule)."""
+    pred_fn = cfg_denoiser(model, cond, drop, w)
 
     def eps_fn(x, t):
-        eps_c, eps_u = model(torch.cat([x, x]), torch.cat([t, t]),
-                             torch.cat([y, torch.full_like(y, null)])).float().chunk(2)
-        return eps_u + w * (eps_c - eps_u)
+        abar = alphas_cumprod[t].view(-1, 1, 1, 1)
+        eps = eps_from_pred(pred_fn(x, t), x, abar)
+        x0 = ((x - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1, 1)
+        return (x - abar.sqrt() * x0) / (1 - abar).sqrt()
     return eps_fn
 
 
-def sample_timesteps(T, steps):
-    return torch.linspace(T - 1, 0, steps).round().long().tolist()
+def ddim_timesteps(t_start, steps):
+    """`steps` timesteps evenly from t_start down to 0."""
+    return torch.linspace(t_start, 0, steps).round().long().tolist()
 
 
-def ddim_sample(eps_fn, x, alphas_cumprod, steps, eta, generator=None, path=None, guide=None, clip=False):
-    """DDIM (Song et al.) from x_T on `steps` timesteps. With eta=1 on all T steps this is exactly DDPM's
-    ancestral sampler with the posterior variance beta_tilde. `guide(mean, t)` may steer each mean.
-    clip (images): x0 clamped to [-1, 1] and eps recomputed from it; near t=T, x0 = (x - sqrt(1-abar) eps)
-    / sqrt(abar) multiplies any error of eps by up to 2e4 (cosine: abar(T-1) ~ 2e-9)."""
-    ts = sample_timesteps(len(alphas_cumprod), steps)
-    for i, t in enumerate(tqdm(ts, desc="sampling", leave=False, disable=len(ts) < 50)):
+def dpmpp_timesteps(alphas_cumprod, t_start, steps):
+    """`steps` timesteps evenly in lambda = log(alpha / sigma), from t_start or from lambda = -5
+    (where x_t is pure noise already; the cosine schedule reaches -10: wasted steps) down to 0."""
+    lam = 0.5 * torch.log(alphas_cumprod / (1 - alphas_cumprod)).cpu()
+    grid = torch.linspace(max(lam[t_start].item(), -5.0), lam[0].item(), steps)
+    return sorted({int((lam - g).abs().argmin()) for g in grid}, reverse=True)
+
+
+def ddim_sample(eps_fn, x, alphas_cumprod, timesteps, eta=0.0, generator=None, callback=None):
+    """DDIM (Song et al.) from x at timesteps[0] down the timesteps to the clean image; eta=1 on
+    every timestep is DDPM's ancestral sampler (variance beta_tilde). callback(x, t) returns each
+    step's result: recorded, or changed (steering)."""
+    for i, t in enumerate(tqdm(timesteps, "sampling", leave=False, disable=len(timesteps) < 50)):
         abar = alphas_cumprod[t]
-        abar_prev = alphas_cumprod[ts[i + 1]] if i + 1 < len(ts) else torch.ones_like(abar)
+        abar_prev = alphas_cumprod[timesteps[i + 1]] if i + 1 < len(timesteps) else abar ** 0
         eps = eps_fn(x, torch.full((x.shape[0],), t, device=x.device))
         x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
-        if clip:
-            x0 = x0.clamp(-1, 1)
-            eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
         # sigma^2 = eta^2 * (1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)
         sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
         x = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
-        if guide is not None:
-            x = guide(x, t)
         if sigma > 0:
             x = x + sigma * torch.randn(x.shape, generator=generator).to(x.device)
-        if path is not None:
-            path.append(x.cpu())
+        if callback is not None:
+            x = callback(x, t)
     return x
 
 
-def dpmpp_sample(eps_fn, x, alphas_cumprod, steps, path=None, clip=False):
-    """DPM-Solver++(2M) (Lu et al. 2022) in data prediction, lambda = log(alpha / sigma); the last step,
-    to the clean image, is first order. Timesteps are uniform in lambda, from lambda = -5 (below it
-    x_t is pure noise; the cosine schedule reaches -10, which would waste steps) to lambda at t=0."""
+def dpmpp_sample(eps_fn, x, alphas_cumprod, timesteps, callback=None):
+    """DPM-Solver++(2M) (Lu et al. 2022), data prediction, lambda = log(alpha / sigma), from x at
+    timesteps[0] down the timesteps; the last step, to the clean image, is first order."""
     alpha, sigma = alphas_cumprod.sqrt(), (1 - alphas_cumprod).sqrt()
     lam = torch.log(alpha / sigma)
-    grid = torch.linspace(max(lam[-1].item(), -5.0), lam[0].item(), steps, device=lam.device)
-    ts = sorted({int((lam - g).abs().argmin()) for g in grid}, reverse=True)
     x0_prev, h_prev = None, None
-    for i, t in enumerate(tqdm(ts, desc="sampling", leave=False, disable=len(ts) < 50)):
+    for i, t in enumerate(tqdm(timesteps, "sampling", leave=False, disable=len(timesteps) < 50)):
         x0 = (x - sigma[t] * eps_fn(x, torch.full((x.shape[0],), t, device=x.device))) / alpha[t]
-        x0 = x0.clamp(-1, 1) if clip else x0  # as in ddim_sample
-        if i + 1 == len(ts):
+        if i + 1 == len(timesteps):
             x = x0
         else:
-            s = ts[i + 1]
+            s = timesteps[i + 1]
             h = lam[s] - lam[t]
-            d = x0 if x0_prev is None else x0 + (x0 - x0_prev) * h / (2 * h_prev)  # (1 + 1/2r) x0 - x0_prev/2r
+            d = x0 if x0_prev is None else x0 + (x0 - x0_prev) * h / (2 * h_prev)  # 2nd order
             x = sigma[s] / sigma[t] * x - alpha[s] * torch.expm1(-h) * d
             x0_prev, h_prev = x0, h
-        if path is not None:
-            path.append(x.cpu())
+        if callback is not None:
+            x = callback(x, t)
     return x
+
+
+@torch.no_grad()  # not inference_mode: a steering callback may take gradients
+def generate(model, cond, drop, alphas_cumprod, shape, seed=0, sampler="ddim", steps=50, eta=0.0,
+             w=1.0, x=None, t_start=None, columns=None, callback=None):
+    """Images in [-1, 1] for the rows of cond (rows with drop: unconditional) from fixed seeds: from
+    pure noise (with `columns`, a grid of that width whose rows start from the same noise, so that
+    they differ by their condition only), or from x at t_start (a reconstruction: its share of the
+    steps). ddpm walks every timestep (DDIM, eta=1); ddim and dpmpp take `steps`."""
+    T, g = len(alphas_cumprod), torch.Generator().manual_seed(seed)
+    if x is None:
+        x, t_start = torch.randn((columns or len(cond), *shape), generator=g), T - 1
+        x = x.repeat(len(cond) // len(x), 1, 1, 1)
+    x = x.to(alphas_cumprod.device).contiguous(memory_format=torch.channels_last)
+    K = max(1, round(min(steps, T) * (t_start + 1) / T))
+    eps_fn = denoiser(model, cond.to(x.device), drop.to(x.device), w, alphas_cumprod)
+    if sampler == "dpmpp":
+        ts = dpmpp_timesteps(alphas_cumprod, t_start, K)
+        return dpmpp_sample(eps_fn, x, alphas_cumprod, ts, callback).clamp(-1, 1)
+    if sampler == "ddpm":
+        K, eta = t_start + 1, 1.0
+    ts = ddim_timesteps(t_start, K)
+    return ddim_sample(eps_fn, x, alphas_cumprod, ts, eta, g, callback).clamp(-1, 1)
+
+
+def sampling(config):
+    """The sampler settings of a run's or the command line's config, as generate's keywords."""
+    return dict(sampler=config["sampler"], steps=config["sample_steps"], eta=config["eta"],
+                w=config["cfg"])
+
+
+def tracer(trace, rows=slice(None)):
+    """A sampler callback keeping every step's x (its `rows`) on the CPU: path figures, GIFs."""
+    def keep(x, t):
+        trace.append(x[rows].cpu())
+        return x
+    return keep
+
+
+def label_conds(labels, per_label, meta, uncond):
+    """(labels, drop, row length) for --labels: class names or indices, 'uncond' or the index
+    len(classes) (the null class), or 'all' (every class, then uncond); per_label of each, a row
+    each. An unconditional model has only the unconditional row."""
+    classes = meta["classes"]
+    words = [w.strip() for text in labels for w in text.split(",") if w.strip()]
+    if uncond or words == ["all"]:
+        words = ["uncond"] if uncond else classes + ["uncond"]
+    rows = []
+    for w in words:
+        if w in classes:
+            rows.append(classes.index(w))
+        elif w == "uncond" or (w.isdigit() and int(w) <= len(classes)):
+            rows.append(len(classes) if w == "uncond" else int(w))
+        else:
+            die(f"--labels: unknown class {w!r} (use {', '.join(classes)}, 0-{len(classes)}, "
+                f"uncond or all)")
+    y = torch.tensor(rows).repeat_interleave(per_label)
+    return y.clamp(max=len(classes) - 1), y == len(classes), per_label
+
+
+def save_grid(x, path, nrow):
+    """Images in [-1, 1] as one PNG, nrow to a row."""
+    torchvision.utils.save_image(x * 0.5 + 0.5, path, nrow=nrow, padding=1, pad_value=1.0)
+
+
+def path_figure(trace, path):
+    """Denoising paths: a row per traced sample, 10 columns from noise to image."""
+    cols = torch.linspace(0, len(trace) - 1, min(len(trace), 10)).round().long().tolist()
+    save_grid(torch.stack([trace[c] for c in cols], 1).flatten(0, 1).clamp(-1, 1), path, len(cols))
+
+
+def save_gif(trace, path, nrow):
+    """denoise.gif: one frame per sampler step (at most 50), the whole grid in each."""
+    frames = torch.linspace(0, len(trace) - 1, min(len(trace), 50)).round().long().tolist()
+    imgs = []
+    for f in frames:
+        grid = torchvision.utils.make_grid(trace[f].clamp(-1, 1) * 0.5 + 0.5, nrow=nrow, padding=1)
+        imgs.append(Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy()))
+    imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=80, loop=0)
+
+
+# ------------------------------------------------------------------- EMA, checkpoints, system
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema = decay * ema + (1 - decay) * model; buffers copied."""
+    for pe, p in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(p, 1 - decay)
+    for be, b in zip(ema.buffers(), model.buffers()):
+        be.copy_(b)
+
+
+def save_checkpoint(path, state):
+    """A temporary file in the same folder, then renamed over `path`: a crash or a full disk never
+    leaves a broken file, and the previous one stays until the new one is whole."""
+    try:
+        torch.save(state, f"{path}.tmp")
+    except (OSError, RuntimeError) as e:  # a full disk: RuntimeError "... unexpected pos ..."
+        if os.path.exists(f"{path}.tmp"):
+            os.remove(f"{path}.tmp")
+        reason = str(e).splitlines()[0] if isinstance(e, OSError) else "no space left on the device"
+        sys.exit(f"error: {reason} while writing {path}; the previous one is kept")
+    os.replace(f"{path}.tmp", path)
+
+
+def load_checkpoint(path, device):
+    """A checkpoint of this script, read as tensors and plain values only (it cannot run code)."""
+    if not os.path.isfile(path):
+        die(f"no checkpoint at {path} (train first, or pass --ckpt)")
+    try:
+        ck = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        die(f"{path} is not a readable checkpoint ({type(e).__name__})")
+    if not isinstance(ck, dict) or ck.get("script") != NAME:
+        die(f"{path} is not a checkpoint of {NAME}.py")
+    return ck
+
+
+def load_weights(module, state, path):
+    try:
+        module.load_state_dict(state)
+    except RuntimeError:
+        die(f"{path} does not match this model (check --width, --depth and the data)")
+
+
+def setup(name):
+    """The device (the best present unless named) and DistributedDataParallel: torchrun sets RANK,
+    LOCAL_RANK and WORLD_SIZE; NCCL on CUDA, gloo otherwise."""
+    present = dict(cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available(), cpu=True)
+    name = name or next(k for k, ok in present.items() if ok)
+    if not present[name]:
+        die(f"--device {name}: not present on this machine")
+    ddp, rank, world = "RANK" in os.environ, 0, 1
+    if ddp:
+        dist.init_process_group("nccl" if name == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    if name == "cuda":
+        name = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+        torch.cuda.set_device(name)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return torch.device(name), ddp, rank, world
+
+
+def amp_dtype(name, device):
+    """--dtype as autocast's dtype (None: fp32). auto: bf16 where the GPU computes in bf16 (compute
+    capability 8.0 on), fp16 with loss scaling on older GPUs (T4, V100, P100), else fp32."""
+    if name == "auto" and device.type == "cuda":
+        name = "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name)
+
+
+def autocast(dtype, device):
+    return torch.autocast(device.type, dtype) if dtype else nullcontext()
+
+
+def rng_states(device):
+    """This process's random streams: the CPU's and the GPU's (dropout draws there)."""
+    states = dict(cpu=torch.get_rng_state())
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def lock(out_dir):
+    """Claim --out-dir for this run: a second run on it stops with one line; the lock of a process
+    that died on this machine (kill -9, a power cut) is taken over."""
+    path = os.path.join(out_dir, "lock")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        if os.path.exists(path):
+            host, pid = (open(path).read().split() + ["?", "0"])[:2]
+            if host != socket.gethostname() or pid_alive(int(pid)):
+                die(f"--out-dir {out_dir}: in use by process {pid} on {host} (if no run is "
+                    f"using it, delete {path})")
+        with open(path, "w") as f:
+            f.write(f"{socket.gethostname()} {os.getpid()}\n")
+    except OSError as e:
+        die(f"--out-dir {out_dir}: cannot write there ({e.strerror})")
+    return path
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0 only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, another user's
+        pass
+    return True
+
+
+# ----------------------------------------------------------------------------- training
+
+def new_run(config, meta, device, dtype):
+    """What training and sampling both need: model, EMA copy, noise schedule, image shape."""
+    model = build_model(config, meta).to(device).to(memory_format=torch.channels_last)
+    return SimpleNamespace(config=config, meta=meta, model=model, device=device, dtype=dtype,
+                           ema=copy.deepcopy(model).eval().requires_grad_(False), step=0,
+                           alphas_cumprod=make_alphas_cumprod(config["schedule"], config["steps"],
+                                                              device),
+                           shape=(meta["channels"], meta["size"], meta["size"]), writer=None)
+
+
+def build_run(args, device, rank, world):
+    """A run from the command line: data (training and held out), model, EMA, optimizer, loss
+    scaler, and with --resume the checkpoint's state. Nothing is written: a failed start changes
+    nothing."""
+    torch.manual_seed(args.seed + rank)  # each rank its own noise, timesteps, drops and flips
+    data, meta = get_data(vars(args))
+    run = new_run(vars(args), meta, device, amp_dtype(args.dtype, device))
+    run.train_set, run.val_set = split_data(data, args.limit, args.val_size)
+    run.opt = torch.optim.AdamW(run.model.parameters(), lr=args.lr, fused=device.type == "cuda",
+                                weight_decay=args.weight_decay)
+    run.scaler = torch.amp.GradScaler(device.type, enabled=run.dtype == torch.float16)
+    run.per_epoch = len(run.train_set) // (args.batch_size * args.accum * world)
+    run.total = args.epochs * max(run.per_epoch, 1) if args.epochs else args.iters
+    run.ckpt, run.best_val, run.state = os.path.join(args.out_dir, "ckpt.pt"), math.inf, {}
+    if args.resume:  # weights, EMA, optimizer, scaler, step, the extras' state, random streams
+        ck = load_checkpoint(run.ckpt, device)
+        load_weights(run.model, ck["model"], run.ckpt)
+        load_weights(run.ema, ck["ema"], run.ckpt)
+        run.opt.load_state_dict(ck["opt"])
+        run.scaler.load_state_dict(ck["scaler"])
+        rng = ck["rng"][rank if len(ck["rng"]) == world else 0]
+        torch.set_rng_state(rng["cpu"].cpu())
+        if "cuda" in rng and device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
+        run.step, run.best_val, run.state = ck["step"], ck["best_val"], ck["extras"]
+    if run.step >= run.total:
+        die(f"--resume: {run.ckpt} is at step {run.step} already (raise --iters or --epochs)")
+    return run
+
+
+def start_run(args, run, world):
+    """Rank 0, once the run can start: the lock, config.json, log.jsonl cut back to the resumed step
+    (after a crash the steps since the last checkpoint are trained again), TensorBoard."""
+    lock_path = lock(args.out_dir)
+    with open(os.path.join(args.out_dir, "config.json"), "w") as f:
+        json.dump(run.config, f, indent=2)
+    log = os.path.join(args.out_dir, "log.jsonl")
+    if os.path.exists(log):
+        with open(log) as f:
+            lines = [line for line in f if line.endswith("\n")]  # a kill -9 may cut the last one
+        with open(log, "w") as f:
+            f.writelines(line for line in lines if json.loads(line)["step"] <= run.step)
+    if args.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            die("--tensorboard needs the tensorboard package: pip install tensorboard")
+        run.writer = SummaryWriter(os.path.join(args.out_dir, "tb"))
+    print(f"{sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M parameters, "
+          f"{len(run.train_set)} images + {len(run.val_set)} held out, global batch "
+          f"{args.batch_size * args.accum * world}, {run.per_epoch} steps per epoch, "
+          f"{run.device}, autocast {run.dtype}")
+    return lock_path
+
+
+def get_lr(step, lr, warmup, total, decay):
+    """Linear warm-up over `warmup` steps, then constant or (decay "cosine") down to 0 at total."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if decay == "cosine":
+        return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return lr
+
+
+def train_step(model, wrapped, run, micro, ddp):
+    """One optimizer step on the micro-batches (gradient accumulation; DDP all-reduces on the last
+    only); returns the mean loss. Under fp16 the loss is scaled, and the scaler skips a step whose
+    gradients are not finite."""
+    c = run.config
+    run.opt.zero_grad(set_to_none=True)
+    total = 0.0
+    for i, (images, cond) in enumerate(micro):
+        x0 = to_model(images, run.device)
+        if run.meta["hflip"]:  # random horizontal flips, drawn from the CPU generator
+            flip = (torch.rand(len(x0)) < 0.5).to(run.device)
+            x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(3), x0)
+        with wrapped.no_sync() if ddp and i + 1 < len(micro) else nullcontext():
+            with autocast(run.dtype, run.device):
+                loss = p_losses(model, x0, cond.to(run.device), run.alphas_cumprod,
+                                1.0 if c["uncond"] else c["p_uncond"], c["loss"]) / len(micro)
+            run.scaler.scale(loss).backward()
+        total = total + loss.detach()
+    run.scaler.unscale_(run.opt)
+    if c["grad_clip"]:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), c["grad_clip"])
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    return total
+
+
+def log_record(losses, step, lr, seconds, run, ddp, world):
+    """The log line: mean loss of the steps since the last line over all ranks, lr, images/s. Under
+    fp16 a non-finite loss is a step the scaler skipped (counted); otherwise it stops the run."""
+    losses = torch.stack(losses)
+    ok = losses.isfinite()
+    sums = torch.stack([torch.where(ok, losses, 0).sum(), ok.sum(), (~ok).sum()]).float()
+    if ddp:
+        dist.all_reduce(sums)
+    if sums[2] and run.dtype != torch.float16:
+        sys.exit(f"error: the loss is not finite at step {step}; stopped, {run.ckpt} is kept")
+    n = len(losses) * run.config["batch_size"] * run.config["accum"] * world
+    rec = dict(step=step, loss=(sums[0] / sums[1].clamp(min=1)).item(), lr=lr,
+               img_per_s=n / seconds, elapsed=time.time() - run.t0)
+    if run.dtype == torch.float16:
+        rec["skipped"] = int(sums[2])
+    return rec
+
+
+def write_log(rec, run):
+    with open(os.path.join(run.config["out_dir"], "log.jsonl"), "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    for k, v in rec.items():
+        if run.writer and k not in ("step", "elapsed"):
+            run.writer.add_scalar(k, v, rec["step"])
+
+
+def save_run(run, step, periodic, ddp, world, master):
+    """ckpt.pt, best.pt when the EMA model's validation loss is the lowest yet, ckpt_<step>.pt when
+    periodic (the newest --keep). Every rank's random streams are gathered (a collective); weights
+    that are not finite are never written: the run stops and the previous files stay."""
+    rng = [rng_states(run.device)] * world
+    if ddp:
+        dist.all_gather_object(rng, rng[0])
+    if not all(p.isfinite().all() for m in (run.model, run.ema) for p in m.parameters()):
+        sys.exit(f"error: the weights are not finite at step {step}; stopped, {run.ckpt} is kept")
+    if not master:
+        return
+    out, keep, improved = run.config["out_dir"], run.config["keep"], False
+    if len(run.val_set):
+        val = eval_loss(run.ema, run.val_set, run.alphas_cumprod, run.config, run.dtype)
+        improved, run.best_val = val < run.best_val, min(val, run.best_val)
+        write_log(dict(step=step, val_loss=val), run)
+    state = dict(script=NAME, model=run.model.state_dict(), ema=run.ema.state_dict(),
+                 opt=run.opt.state_dict(), scaler=run.scaler.state_dict(), step=step, rng=rng,
+                 config=run.config, meta=run.meta, best_val=run.best_val, extras=run.state)
+    for name in ["ckpt.pt"] + ["best.pt"] * improved + [f"ckpt_{step}.pt"] * periodic:
+        save_checkpoint(os.path.join(out, name), state)
+    periodic = sorted(int(f[5:-3]) for f in os.listdir(out) if f[:5] + f[-3:] == "ckpt_.pt")
+    for s in periodic[:-keep] if keep else []:
+        os.remove(os.path.join(out, f"ckpt_{s}.pt"))
+
+
+def sample_grid(run, step, trace=None):
+    """samples_<step>.png: the EMA model on the rows of conditions(["all"]), --per-label each, from
+    fixed seeds, so that grids of different steps compare; `trace` keeps each row's first path."""
+    cond, drop, nrow = conditions(["all"], run.config["per_label"], run.meta, run.config)
+    callback = None if trace is None else tracer(trace, slice(None, None, nrow))
+    with autocast(run.dtype, run.device):
+        x = generate(run.ema, cond, drop, run.alphas_cumprod, run.shape, run.config["seed"],
+                     **sampling(run.config), columns=nrow, callback=callback)
+    save_grid(x, os.path.join(run.config["out_dir"], f"samples_{step}.png"), nrow)
+    if run.writer:
+        run.writer.add_image("samples", torchvision.utils.make_grid(x * 0.5 + 0.5, nrow=nrow), step)
+    return x
+
+
+def reconstruction(run, path, fracs=(0.25, 0.5, 0.75, 1.0)):
+    """reconstruction.png: up to 8 training images (rows), each noised to t = T/4, T/2, 3T/4, T-1
+    and restored by the EMA model with its own condition (w=1; columns x_t, restored). Returns the
+    mean squared error of the restored images per t."""
+    images, cond = run.train_set[torch.arange(min(8, len(run.train_set)))]
+    x0, T = to_model(images, run.device), len(run.alphas_cumprod)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).to(run.device)
+    drop = torch.full((len(x0),), run.config["uncond"])
+    cols, errors = [x0], {}
+    for t in [round(f * (T - 1)) for f in fracs]:
+        xt = q_sample(x0, torch.full((len(x0),), t, device=run.device), noise, run.alphas_cumprod)
+        with autocast(run.dtype, run.device):
+            x = generate(run.ema, cond, drop, run.alphas_cumprod, run.shape,
+                         **dict(sampling(run.config), w=1.0), x=xt, t_start=t)
+        cols += [xt.clamp(-1, 1), x]
+        errors[t] = round(F.mse_loss(x.float(), x0).item(), 4)
+    save_grid(torch.stack(cols, 1).flatten(0, 1), path, len(cols))
+    return errors
+
+
+def train(args, device, ddp, rank, world):
+    """Train with the command line's settings, saving as it goes; returns the run (for --fid)."""
+    run, master = build_run(args, device, rank, world), rank == 0
+    wrapped = run.model
+    if ddp:
+        wrapped = DDP(run.model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = torch.compile(wrapped) if args.compile else wrapped
+    lock_path = start_run(args, run, world) if master else None
+    try:
+        stream = loader(run.train_set, args.batch_size, args.seed, rank, world,
+                        run.step * args.accum, args.workers, device)
+        losses, run.t0, t_log = [], time.time(), time.time()
+        if master and "train" in EXTRAS:  # the source project's figures (last section)
+            EXTRAS["train"](run, run.step)
+        pbar = tqdm(range(run.step, run.total), initial=run.step, total=run.total,
+                    disable=not master)
+        for step in pbar:
+            # learning rate: linear warm-up, then constant or cosine decay (--lr-decay)
+            lr = get_lr(step, args.lr, args.warmup, run.total, args.lr_decay)
+            for group in run.opt.param_groups:
+                group["lr"] = lr
+
+            # forward, backward and update on --accum micro-batches, then the EMA (warmed up)
+            micro = [next(stream) for _ in range(args.accum)]
+            losses.append(train_step(model, wrapped, run, micro, ddp))
+            update_ema(run.ema, run.model, min(args.ema, (1 + step) / (10 + step)))
+            done = step + 1
+            last, periodic = done == run.total, args.save_every and done % args.save_every == 0
+            save = last or periodic or done % args.ckpt_every == 0
+
+            # logging, also before every save: a non-finite loss stops the run before it
+            if done % args.log_every == 0 or save:
+                rec = log_record(losses, done, lr, time.time() - t_log, run, ddp, world)
+                losses, t_log = [], time.time()
+                if master:
+                    write_log(rec, run)
+                    pbar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.1f}")
+
+            # checkpoint: ckpt.pt (atomically), best.pt, ckpt_<step>.pt every --save-every steps
+            if save:
+                run.step = done
+                save_run(run, done, periodic, ddp, world, master)
+
+            # sample grid of the EMA model (the last one's denoising paths), the extras' figures
+            if master and (done % args.sample_every == 0 or last):
+                trace = [] if last else None
+                sample_grid(run, done, trace)
+                if last:
+                    path_figure(trace, os.path.join(args.out_dir, "reverse.png"))
+                t_log = time.time()  # images/s counts training only
+            if master and "train" in EXTRAS:
+                EXTRAS["train"](run, done)
+        if master:
+            errors = reconstruction(run, os.path.join(args.out_dir, "reconstruction.png"))
+            print(f"done: step {run.total} in {time.time() - run.t0:.0f}s, loss {rec['loss']:.4f}, "
+                  f"reconstruction MSE by t {errors} -> {args.out_dir}")
+    finally:
+        if lock_path:
+            os.remove(lock_path)
+    return run
+
+
+# ----------------------------------------------------------------------------- entry points
+
+def load_run(path, device, dtype):
+    """A trained run from its checkpoint: the EMA model, built from the checkpoint's own config and
+    meta, with the run's noise schedule."""
+    ck = load_checkpoint(path, device)
+    run = new_run(ck["config"], ck["meta"], device, dtype)
+    load_weights(run.ema, ck["ema"], path)
+    run.ckpt, run.step = path, ck["step"]
+    return run
+
+
+def sample_main(run, args):
+    """--sample: samples.png (--labels, --per-label of each, with the command line's settings but
+    the run's --uncond), reverse.png (the rows' denoising paths) and with --gif denoise.gif,
+    unless the source project's extras draw instead."""
+    config = dict(vars(args), uncond=run.config["uncond"])
+    cond, drop, nrow = conditions(args.labels, args.per_label, run.meta, config)
+    if "sample" in EXTRAS and EXTRAS["sample"](run, args):
+        return
+    os.makedirs(args.out_dir, exist_ok=True)
+    trace = []
+    with autocast(run.dtype, run.device):
+        x = generate(run.ema, cond, drop, run.alphas_cumprod, run.shape, args.seed,
+                     **sampling(config), columns=nrow, callback=tracer(trace))
+    save_grid(x, os.path.join(args.out_dir, "samples.png"), nrow)
+    path_figure([x[::nrow] for x in trace], os.path.join(args.out_dir, "reverse.png"))
+    if args.gif:
+        save_gif(trace, os.path.join(args.out_dir, "denoise.gif"), nrow)
+    print(f"wrote {len(x)} samples of step {run.step} to {args.out_dir}/samples.png")
+
+
+def fid_reference(config, n):
+    """The real images --fid compares with (get_data's "fid" split), checked before any sampling."""
+    if not n:
+        return None
+    ref, meta = get_data(config, "fid")
+    if n > len(ref):
+        die(f"--fid {n}: the reference set ({meta['fid_ref']}) has only {len(ref)} images")
+    return ref, meta["fid_ref"]
+
+
+def run_fid(run, args, ref, rank, world, batch_size=250):
+    """fid.json: FID and Inception Score of --fid samples against as many reference images, each
+    sample conditioned as its reference image (each rank makes and measures its share, fid.evaluate
+    sums the statistics over the ranks); real_vs_fake.png to look at."""
+    import fid  # only here: the script runs without fid.py
+    data, name = ref
+    mine = torch.arange(rank, args.fid, world).split(batch_size)
+    drop = torch.full((batch_size,), run.config["uncond"])
+
+    def fake():
+        for i in mine:
+            with autocast(run.dtype, run.device):
+                x = generate(run.ema, data[i][1], drop[:len(i)], run.alphas_cumprod, run.shape,
+                             args.seed + 1 + int(i[0]), **sampling(vars(args)))
+            yield ((x.float() + 1) * 127.5).round().byte()  # uint8, as the PNGs papers measure
+    # the TF graph's preprocessing (fid.py's mode "tf"): FID comparable with the papers' numbers
+    cache = f"fid_stats_{name}_{run.shape[-1]}px_{args.fid}_tf.npz"
+    cache = os.path.join(run.config["data_dir"], cache)
+    try:
+        res = fid.evaluate(fake(), (data[i][0] for i in mine), sum(map(len, mine)), mode="tf",
+                           cache=None if name == "image-folder" else cache, inception_score=True,
+                           weights=args.fid_weights, device=run.device)
+    except (ValueError, RuntimeError, OSError) as e:
+        die(f"--fid: {str(e).splitlines()[0]}")
+    if rank == 0:
+        res = dict(fid_score=res["fid"], inception_score_mean=res["inception_score_mean"],
+                   inception_score_std=res["inception_score_std"], num_samples=res["n"],
+                   reference=name, mode=res["mode"], checkpoint=run.ckpt, step=run.step,
+                   **sampling(vars(args)))
+        with open(os.path.join(args.out_dir, "fid.json"), "w") as f:
+            json.dump(res, f, indent=2)
+        images, cond = data[torch.arange(10)]  # a look: ten real images above ten samples
+        with autocast(run.dtype, run.device):
+            x = generate(run.ema, cond, drop[:10], run.alphas_cumprod, run.shape, args.seed,
+                         **sampling(vars(args)))
+        save_grid(torch.cat([to_model(images, run.device), x]),
+                  os.path.join(args.out_dir, "real_vs_fake.png"), 10)
+        print(f"FID {res['fid_score']:.2f}, IS {res['inception_score_mean']:.2f} of {args.fid} "
+              f"samples against {name} -> {args.out_dir}/fid.json")
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device, ddp, rank, world = setup(args.device)
+    try:
+        if args.sample:  # the checkpoint's run; only rank 0 writes samples
+            run = load_run(args.ckpt or os.path.join(args.out_dir, "ckpt.pt"), device,
+                           amp_dtype(args.dtype, device))
+            ref = fid_reference(dict(run.config, data_dir=args.data_dir), args.fid)
+            if rank == 0:
+                sample_main(run, args)
+        else:
+            ref = fid_reference(vars(args), args.fid)
+            run = train(args, device, ddp, rank, world)
+        if args.fid:
+            run_fid(run, args, ref, rank, world)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- seed 004's extras
+
+def forward_figure(run, step):
+    """forward.png when a run starts: q(x_t | x_0) on six training digits, t from 0 to T-1."""
+    if step > 0:
+        return
+    images, _ = run.train_set[torch.arange(min(6, len(run.train_set)))]
+    x0, ab = to_model(images, run.device), run.alphas_cumprod
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).to(run.device)
+    ts = torch.linspace(0, len(ab) - 1, 10).round().long().tolist()
+    path_figure([q_sample(x0, torch.full((len(x0),), t, device=run.device), noise, ab).cpu()
+                 for t in ts], os.path.join(run.config["out_dir"], "forward.png"))
 
 
 def clip_guide(encode_image, encode_text, prompt, scale, steps, lr):
-    """The seed's CLIP guidance: at each timestep take `steps` gradient steps of size lr * scale on
-    1 - cos(encode_image(mean), encode_text(prompt)) before the noise is added."""
+    """The seed's CLIP guidance as a sampler callback: after every step, `steps` gradient steps of
+    size lr * scale on 1 - cos(encode_image(x), encode_text(prompt))."""
     with torch.enable_grad():
         text = F.normalize(encode_text([prompt]).float(), dim=-1).detach()
 
-    def guide(x, t):
+    def steer(x, t):
         for _ in range(steps):
             with torch.enable_grad():
                 x = x.detach().requires_grad_(True)
                 loss = (1 - (F.normalize(encode_image(x).float(), dim=-1) * text).sum(-1)).sum()
                 x = x - lr * scale * torch.autograd.grad(loss, x)[0]
         return x.detach()
-    return guide
+    return steer
 
 
 def load_clip(device):
-    """The seed's CLIP ViT-B/32 (open_clip) encoders; images in [-1, 1] are upsampled to 224, grey to
-    RGB and CLIP-normalised."""
+    """The seed's CLIP ViT-B/32 (open_clip, OpenAI weights): images in [-1, 1] upsampled to 224,
+    grey to RGB and normalised as CLIP's training images."""
     try:
         import open_clip
     except ImportError:
@@ -366,309 +1091,35 @@ def load_clip(device):
     std = torch.tensor([0.2686, 0.2613, 0.2758], device=device).view(1, 3, 1, 1)
 
     def encode_image(x):
-        x = F.interpolate((x + 1) / 2, size=224, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
-        return model.encode_image((x - mean) / std)
+        x = F.interpolate((x + 1) / 2, size=224, mode="bilinear", align_corners=False)
+        return model.encode_image((x.repeat(1, 3, 1, 1) - mean) / std)
     return encode_image, lambda prompts: model.encode_text(tokenizer(prompts).to(device))
 
 
-@torch.no_grad()  # not inference_mode: CLIP guidance needs gradients inside
-def generate(model, alphas_cumprod, labels, args, n_classes, seed=0, path=None, guide=None):
-    """Images in [-1, 1] for `labels` (n_classes = unconditional) from fixed seeds, by args.sampler:
-    ddpm is DDIM with eta=1 on all T steps, ddim and dpmpp take args.sample_steps."""
-    device, T = alphas_cumprod.device, len(alphas_cumprod)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn((len(labels), CHANNELS, IMAGE_SIZE, IMAGE_SIZE), generator=g).to(device)
-    y = torch.tensor(labels, device=device) if n_classes else None
-    eps_fn = cfg_denoiser(model, y, args.cfg, n_classes)
-    if args.sampler == "dpmpp":
-        x = dpmpp_sample(eps_fn, x, alphas_cumprod, min(args.sample_steps, T), path, clip=True)
-    else:
-        steps, eta = (T, 1.0) if args.sampler == "ddpm" else (min(args.sample_steps, T), args.eta)
-        x = ddim_sample(eps_fn, x, alphas_cumprod, steps, eta, g, path, guide, clip=True)
-    return x.clamp(-1, 1)
-
-
-def save_grid(x, path, nrow):
-    torchvision.utils.save_image(x * 0.5 + 0.5, path, nrow=nrow, padding=1, pad_value=1.0)
-
-
-def path_figure(path, out):
-    """A path of batches as a figure: a row per sample (at most 10), up to 10 columns along the path."""
-    cols = torch.linspace(0, len(path) - 1, min(len(path), 10)).round().long().tolist()
-    save_grid(torch.stack([path[c][:10] for c in cols], 1).flatten(0, 1).clamp(-1, 1), out, len(cols))
-
-
-def save_gif(path, out, nrow):
-    frames = torch.linspace(0, len(path) - 1, min(len(path), 50)).round().long().tolist()
-    imgs = []
-    for f in frames:
-        grid = torchvision.utils.make_grid(path[f].clamp(-1, 1) * 0.5 + 0.5, nrow=nrow, padding=1)
-        imgs.append(Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy()))
-    imgs[0].save(out, save_all=True, append_images=imgs[1:], duration=80, loop=0)
-
-
-def forward_figure(images, alphas_cumprod, out):
-    """The forward process q(x_t | x_0) on a few real digits, t from 0 to T-1."""
-    x0 = images[:6].float().cpu() / 127.5 - 1
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
-    ts = torch.linspace(0, len(alphas_cumprod) - 1, 10).round().long()
-    path_figure([q_sample(x0, t.repeat(len(x0)), noise, alphas_cumprod.cpu().float()) for t in ts], out)
-
-
-# ----------------------------------------------------------------------------- EMA, checkpoints, FID
-
-@torch.no_grad()
-def update_ema(ema, model, decay):
-    for pe, p in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(p, 1 - decay)
-    for be, b in zip(ema.buffers(), model.buffers()):
-        be.copy_(b)
-
-
-def save_checkpoint(path, state):
-    """Write to a temporary file in the same folder, then rename: a crash never leaves a broken file."""
-    torch.save(state, f"{path}.tmp")
-    os.replace(f"{path}.tmp", path)
-
-
-def load_checkpoint(path, device):
-    if not os.path.isfile(path):
-        die(f"no checkpoint at {path} (train first, or pass --ckpt)")
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        die(f"{path} is not a readable checkpoint ({type(e).__name__})")
-
-
-def build_model(cfg):
-    return UNet(cfg["width"], cfg["depth"], n_classes=0 if cfg["uncond"] else len(cfg["classes"]),
-                dropout=cfg["dropout"])
-
-
-def load_weights(module, state, path):
-    try:
-        module.load_state_dict(state)
-    except RuntimeError:
-        die(f"checkpoint {path} does not match this model (check --width, --depth, --uncond)")
-
-
-def make_alphas_cumprod(cfg, device):
-    return torch.cumprod(1 - make_betas(cfg["schedule"], cfg["steps"]), 0).float().to(device)
-
-
-def run_fid(args, model, alphas_cumprod, n_classes, rank, world):
-    """FID of args.fid class-balanced samples against the MNIST test set; each rank makes its share."""
-    import fid  # only here, so this file runs without fid.py
-    images, _, _ = get_data(args, train=False)
-    mine = list(range(rank, args.fid, world))
-    chunks = [mine[i:i + 250] for i in range(0, len(mine), 250)]
-    real = (images[c].float() / 255 for c in chunks)
-    fake = ((generate(model, alphas_cumprod, [j % max(n_classes, 1) for j in c], args, n_classes,
-                      seed=args.seed + 1 + c[0]) + 1) / 2 for c in chunks)
-    src = "folder" if args.image_folder else "mnist-test"
-    cache = None if args.image_folder else os.path.join(args.data_dir, f"fid_stats_{src}_{IMAGE_SIZE}_{args.fid}.npz")
-    res = fid.evaluate(fake, real, len(mine), cache=cache, weights=args.fid_weights, device=alphas_cumprod.device)
-    if rank == 0:
-        res.update(sampler=args.sampler, sample_steps=args.sample_steps, cfg=args.cfg, real=src)
-        json.dump(res, open(os.path.join(args.out_dir, "fid.json"), "w"), indent=2)
-        fake = generate(model, alphas_cumprod, [j % max(n_classes, 1) for j in range(50)], args, n_classes)
-        save_grid(torch.cat([images[:50].float().to(fake.device) / 127.5 - 1, fake]),
-                  os.path.join(args.out_dir, "real_vs_fake.png"), 10)
-        print(f"FID {res['fid']:.2f} from {args.fid} samples -> {args.out_dir}/fid.json")
-
-
-# ----------------------------------------------------------------------------- training
-
-def setup(args):
-    """Device and DistributedDataParallel: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE."""
-    ddp = "RANK" in os.environ
-    name = args.device or ("cuda" if torch.cuda.is_available() else
-                           "mps" if torch.backends.mps.is_available() else "cpu")
-    rank, world = 0, 1
-    if ddp:
-        dist.init_process_group("nccl" if name == "cuda" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if name == "cuda":
-            name = f"cuda:{os.environ['LOCAL_RANK']}"
-            torch.cuda.set_device(name)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return torch.device(name), ddp, rank, world
-
-
-def autocast(args, device):
-    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, torch.bfloat16) if bf16 else nullcontext()
-
-
-def resume(path, raw, ema, opt, device, rank, world):
-    """Weights, EMA, optimizer, step and this rank's RNG state: the run continues as if never stopped."""
-    ck = load_checkpoint(path, device)
-    load_weights(raw, ck["model"], path)
-    load_weights(ema, ck["ema"], path)
-    opt.load_state_dict(ck["opt"])
-    torch.set_rng_state(ck["rng"][rank if len(ck["rng"]) == world else 0].cpu())
-    return ck["step"]
-
-
-def save_run(args, raw, ema, opt, done, ddp, world, master):
-    rng = [torch.get_rng_state()] * world
-    if ddp:  # every rank's RNG state, so each rank's random stream resumes where it was
-        dist.all_gather_object(rng, torch.get_rng_state())
-    if not master:
-        return
-    state = dict(model=raw.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=done,
-                 config=vars(args), rng=rng)
-    save_checkpoint(os.path.join(args.out_dir, "ckpt.pt"), state)
-    if args.save_every and done % args.save_every == 0:
-        save_checkpoint(os.path.join(args.out_dir, f"ckpt_{done}.pt"), state)
-        kept = sorted(int(f[5:-3]) for f in os.listdir(args.out_dir) if f.startswith("ckpt_") and f.endswith(".pt"))
-        for s in kept[:-args.keep] if args.keep else []:
-            os.remove(os.path.join(args.out_dir, f"ckpt_{s}.pt"))
-
-
-def start_run(args, images, alphas_cumprod, raw, world, device):
-    """Rank 0: the output folder, config.json, the forward-process figure and the TensorBoard writer."""
+def clip_sample(run, args):
+    """--clip-prompt: unconditional samples (top row) and the same seeds steered toward the prompt
+    by CLIP (bottom row) in clip_<prompt>.png. Returns whether it did."""
+    if not args.clip_prompt:
+        return False
+    steer = clip_guide(*load_clip(run.device), args.clip_prompt, args.clip_scale, args.clip_steps,
+                       args.clip_lr)
+    cond, drop = torch.zeros(args.per_label, dtype=torch.long), torch.ones(args.per_label).bool()
+    rows = [generate(run.ema, cond, drop, run.alphas_cumprod, run.shape, args.seed,
+                     **sampling(vars(args)), callback=callback) for callback in (None, steer)]
+    name = "".join(c if c.isalnum() else "_" for c in args.clip_prompt)
     os.makedirs(args.out_dir, exist_ok=True)
-    json.dump(vars(args), open(os.path.join(args.out_dir, "config.json"), "w"), indent=2)
-    forward_figure(images, alphas_cumprod, os.path.join(args.out_dir, "forward.png"))
-    print(f"{sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, {len(images)} images, "
-          f"global batch {args.batch_size * world}, device {device}")
-    if not args.tensorboard:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        die("--tensorboard needs the tensorboard package: pip install tensorboard")
-    return SummaryWriter(os.path.join(args.out_dir, "tb"))
+    save_grid(torch.cat(rows), os.path.join(args.out_dir, f"clip_{name}.png"), args.per_label)
+    print(f"wrote unguided (top row) and CLIP-guided samples to {args.out_dir}/clip_{name}.png")
+    return True
 
 
-def train(args, device, ddp, rank, world):
-    master = rank == 0
-    torch.manual_seed(args.seed + rank)
-    images, labels, args.classes = get_data(args)  # class names go into config.json and the checkpoint
-    if args.batch_size > len(images) // world:
-        die(f"--batch-size {args.batch_size} is larger than the data set ({len(images) // world} images per device)")
-    images = images.to(device) if args.data_on_device else images
-    n_classes, alphas_cumprod = 0 if args.uncond else len(args.classes), make_alphas_cumprod(vars(args), device)
-    raw = build_model(vars(args)).to(device).to(memory_format=torch.channels_last)
-    ema = copy.deepcopy(raw).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, weight_decay=0.0, fused=device.type == "cuda")
-    step = resume(os.path.join(args.out_dir, "ckpt.pt"), raw, ema, opt, device, rank, world) if args.resume else 0
-    model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw
-    model = torch.compile(model) if args.compile else model
-    writer = start_run(args, images, alphas_cumprod, raw, world, device) if master else None
-    stream = batches(len(images), args.batch_size, args.seed, rank, world, step)
-    losses, t0, t_log = [], time.time(), time.time()
-    pbar = tqdm(range(step, args.iters), initial=step, total=args.iters, disable=not master)
-    for step in pbar:
-        idx = next(stream)
-        x0 = (images[idx].to(device, non_blocking=True).float() / 127.5 - 1).contiguous(
-            memory_format=torch.channels_last)
-        y = None if args.uncond else labels[idx].to(device, non_blocking=True)
-        lr = args.lr * min(1.0, (step + 1) / args.warmup)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        with autocast(args, device):
-            loss = p_losses(model, x0, y, alphas_cumprod, args.p_uncond, n_classes)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
-        opt.step()
-        update_ema(ema, raw, min(args.ema, (1 + step) / (10 + step)))
-        losses.append(loss.detach())
-        done, last = step + 1, step + 1 == args.iters
-        save = done % args.ckpt_every == 0 or last or (args.save_every and done % args.save_every == 0)
-        if done % args.log_every == 0 or save:
-            mean_loss = torch.stack(losses).mean()
-            if ddp:
-                dist.all_reduce(mean_loss)
-            rec = dict(step=done, loss=mean_loss.item() / world, lr=lr, elapsed=time.time() - t0,
-                       img_per_s=len(losses) * args.batch_size * world / (time.time() - t_log))
-            if not math.isfinite(rec["loss"]):  # stop before anything is saved: ckpt.pt stays the last good one
-                sys.exit(f"loss is {rec['loss']} at step {done}; stopped, the last good ckpt.pt is kept")
-            losses, t_log = [], time.time()
-            if master:
-                with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                pbar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
-                for k in ("loss", "lr", "img_per_s") if writer else ():
-                    writer.add_scalar(k, rec[k], done)
-        if save:
-            save_run(args, raw, ema, opt, done, ddp, world, master)
-        if master and (done % args.sample_every == 0 or last):
-            path = [] if last else None  # one row per class, plus the unconditional row (label n_classes)
-            grid = generate(ema, alphas_cumprod, [r for r in range(n_classes + 1) for _ in range(10)], args,
-                            n_classes, args.seed, path)
-            save_grid(grid, os.path.join(args.out_dir, f"samples_{done}.png"), 10)
-            if writer:
-                writer.add_image("samples", torchvision.utils.make_grid(grid * 0.5 + 0.5, nrow=10), done)
-            if last:
-                path_figure(path, os.path.join(args.out_dir, "reverse.png"))
-    if master:
-        print(f"done: step {args.iters}, {time.time() - t0:.0f}s, loss {rec['loss']:.4f} -> {args.out_dir}")
-    return ema, alphas_cumprod, n_classes
-
-
-# ----------------------------------------------------------------------------- sampling entry point
-
-def parse_labels(text, classes):
-    """'all', or comma-separated class names (the digits, for MNIST) and 'uncond' (the null label)."""
-    names = list(classes) + ["uncond"]
-    words = names if text == "all" or not classes else [w.strip() for w in text.split(",")]
-    for w in words:
-        if w not in names:
-            die(f"--labels: unknown class {w!r} (use {', '.join(names)} or all)")
-    return [names.index(w) for w in words]
-
-
-def sample_main(args, device):
-    path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
-    ck = load_checkpoint(path, device)
-    model = build_model(ck["config"]).to(device).eval()
-    load_weights(model, ck["ema"], path)
-    classes = [] if ck["config"]["uncond"] else ck["config"]["classes"]
-    n_classes, alphas_cumprod = len(classes), make_alphas_cumprod(ck["config"], device)
-    labels = [lab for lab in parse_labels(args.labels, classes) for _ in range(args.n)]
-    os.makedirs(args.out_dir, exist_ok=True)
-    with autocast(args, device):
-        if args.clip_prompt:
-            clip_main(args, model, alphas_cumprod, n_classes, device)
-            return model, alphas_cumprod, n_classes
-        trace = []
-        x = generate(model, alphas_cumprod, labels, args, n_classes, args.seed, trace)
-        save_grid(x, os.path.join(args.out_dir, "samples.png"), args.n)
-        path_figure(trace, os.path.join(args.out_dir, "reverse.png"))
-        if args.gif:
-            save_gif(trace, os.path.join(args.out_dir, "denoise.gif"), args.n)
-        print(f"wrote {len(x)} samples (step {ck['step']}) to {args.out_dir}/samples.png")
-    return model, alphas_cumprod, n_classes
-
-
-def clip_main(args, model, alphas_cumprod, n_classes, device):
-    """Unconditional samples, then the same seeds steered toward the prompt by CLIP."""
-    if args.sampler == "dpmpp":
-        die("--clip-prompt works with --sampler ddpm or ddim (it steers each step's mean)")
-    guide = clip_guide(*load_clip(device), args.clip_prompt, args.clip_scale, args.clip_steps, args.clip_lr)
-    labels = [n_classes] * args.n
-    plain = generate(model, alphas_cumprod, labels, args, n_classes, args.seed)
-    guided = generate(model, alphas_cumprod, labels, args, n_classes, args.seed, guide=guide)
-    out = os.path.join(args.out_dir, "clip_" + "".join(c if c.isalnum() else "_" for c in args.clip_prompt) + ".png")
-    save_grid(torch.cat([plain, guided]), out, args.n)
-    print(f"wrote unguided (top row) and CLIP-guided (bottom row) samples to {out}")
-
-
-def main(argv=None):
-    args = get_args(argv)
-    device, ddp, rank, world = setup(args)
-    if args.sample:
-        model, alphas_cumprod, n_classes = sample_main(args, device)
-    else:
-        model, alphas_cumprod, n_classes = train(args, device, ddp, rank, world)
-    if args.fid:
-        run_fid(args, model, alphas_cumprod, n_classes, rank, world)
-    if ddp:
-        dist.destroy_process_group()
+EXTRAS.update(
+    flags=[("--clip-prompt", dict(help="--sample: CLIP-guided samples toward this text")),
+           ("--clip-scale", dict(type=float, default=2.0, help="CLIP guidance scale (seed: 2)")),
+           ("--clip-steps", dict(type=int, default=5, help="CLIP gradient steps per timestep")),
+           ("--clip-lr", dict(type=float, default=0.15, help="CLIP gradient step size"))],
+    spellings={"--timesteps": "--steps", "--guidance_scale": "--cfg"},
+    train=forward_figure, sample=clip_sample)
 
 
 if __name__ == "__main__":

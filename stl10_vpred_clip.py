@@ -1,267 +1,439 @@
-"""Train a text-conditioned v-prediction diffusion U-Net on STL-10 at 96x96: frozen CLIP ViT-B/32 text embeddings
-of "a photo of a {class}" enter every U-Net level by cross-attention; classifier-free guidance on v.
+"""Train a v-prediction diffusion U-Net on STL-10 at 96x96, conditioned on frozen CLIP ViT-B/32
+text embeddings of "a photo of a {class}" by cross-attention in every U-Net block; classifier-free
+guidance on v.
 
-    python stl10_vpred_clip.py --steps 500 --cfg 6          # train (STL-10 is downloaded into ./data)
-    python stl10_vpred_clip.py --cond learned               # learned label embeddings instead of CLIP
-    python stl10_vpred_clip.py --sample --label 3 --cfg 6   # sample from out/stl10_vpred_clip/ckpt.pt
-    python stl10_vpred_clip.py --diagnostics --ckpt out/stl10_vpred_clip/ckpt.pt   # the five figures
-    python stl10_vpred_clip.py --sweep --schedules cosine linear --cfg 0 1.5 3 6 9 --eta 0 1 --seed 42
-    python stl10_vpred_clip.py --sample --fid 5000          # FID and IS against the STL-10 test split
-    torchrun --nproc_per_node=4 stl10_vpred_clip.py         # several GPUs, DistributedDataParallel
+    python stl10_vpred_clip.py --steps 500 --cfg 6           # train; STL-10 is downloaded to ./data
+    python stl10_vpred_clip.py --cond learned                # learned label embeddings, no CLIP
+    python stl10_vpred_clip.py --sample --labels cat --cfg 6 # sample out/stl10_vpred_clip/ckpt.pt
+    python stl10_vpred_clip.py --diagnostics                 # the seed's five figures of ckpt.pt
+    python stl10_vpred_clip.py --sweep --schedules cosine linear --seed 42   # its CFG x eta grids
+    python stl10_vpred_clip.py --sample --fid 5000           # FID and IS against the test split
+    torchrun --nproc_per_node=4 stl10_vpred_clip.py          # several GPUs, DistributedDataParallel
 
-Follows seed 000 (STL10 class-conditional diffusion at 96x96) with the collection's command line (SPEC.md).
+CLIP needs `pip install open_clip_torch` (or --text-emb FILE); without it the script says so in one
+line and learns label embeddings. Follows seed 000, "STL10 Class-Conditional Diffusion (96x96)"
+(v-prediction, cosine schedule with 500 steps, CLIP text by cross-attention, its diagnostics and
+sweeps), with the collection's shared command line (SPEC.md).
 """
 import argparse
 import copy
 import json
 import math
 import os
+import socket
 import sys
 import time
 from contextlib import nullcontext
+from types import SimpleNamespace
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DistributedSampler
 from PIL import Image, ImageColor, ImageDraw
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
 from tqdm import tqdm
 
-IMAGE_SIZE, CHANNELS = 96, 3
-CLIP_CACHE = "clip_text_emb_stl10_vitb32.pt"
+# ----------------------------------------------------------------------------- config
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("data")
-    g.add_argument("--data-dir", default="./data", help="where STL-10 (and the CLIP cache) lives")
-    g.add_argument("--image-folder", default=None, help="your own images, one sub-folder per class")
-    g.add_argument("--limit", type=int, default=0, help="use only the first N training images (0: all)")
-    g.add_argument("--overfit", type=int, default=0, help="train on a fixed random subset of N images")
-    g = p.add_argument_group("model")
-    g.add_argument("--width", type=int, default=64, help="base channels of the U-Net")
-    g.add_argument("--depth", type=int, default=2, help="residual blocks per resolution")
-    g.add_argument("--dropout", type=float, default=0.1, help="dropout in residual blocks")
-    g.add_argument("--cond", choices=["clip", "learned"], default="clip", help="CLIP text or learned label emb.")
-    g.add_argument("--text-emb", default=None, help="precomputed [classes+1, D] text embeddings (.pt)")
-    g = p.add_argument_group("diffusion")
-    g.add_argument("--steps", "--timesteps", type=int, default=500, help="diffusion timesteps T")
-    g.add_argument("--schedule", choices=["cosine", "linear"], default="cosine", help="noise schedule")
-    g.add_argument("--p-uncond", type=float, default=0.2, help="probability of dropping the condition")
-    g = p.add_argument_group("training")
-    g.add_argument("--iters", type=int, default=50000, help="optimizer steps")
-    g.add_argument("--batch-size", type=int, default=64, help="images per micro-batch per device")
-    g.add_argument("--accum", type=int, default=1, help="micro-batches accumulated per optimizer step")
-    g.add_argument("--lr", type=float, default=2e-5, help="peak AdamW learning rate")
-    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    g.add_argument("--warmup", type=int, default=1000, help="linear warm-up steps, then cosine decay to 0")
-    g.add_argument("--ema", type=float, default=0.999, help="EMA decay (warmed up as (1+n)/(10+n))")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
-    g.add_argument("--seed", type=int, default=0, help="random seed; runs are repeatable")
-    g.add_argument("--log-every", type=int, default=50, help="steps between log.jsonl lines")
-    g.add_argument("--sample-every", type=int, default=5000, help="steps between sample grids")
-    g.add_argument("--diag-every", type=int, default=5000, help="steps between diagnostics (0: off)")
-    g.add_argument("--ckpt-every", type=int, default=1000, help="steps between ckpt.pt saves")
-    g.add_argument("--save-every", type=int, default=0, help="also keep ckpt_<step>.pt every N steps")
-    g.add_argument("--keep", type=int, default=0, help="keep at most K periodic checkpoints (0: all)")
-    g.add_argument("--resume", action="store_true", help="continue from the run's ckpt.pt")
-    g = p.add_argument_group("sampling (--sample, --diagnostics and --sweep use --ckpt and its run's data)")
-    g.add_argument("--sample", action="store_true", help="no training: sample from --ckpt")
-    g.add_argument("--diagnostics", action="store_true", help="no training: the five figures for --ckpt")
-    g.add_argument("--sweep", action="store_true", help="no training: grids over --schedules, --cfg, --eta")
-    g.add_argument("--ckpt", default=None, help="checkpoint to use (default: the run's ckpt.pt)")
-    g.add_argument("--labels", "--label", nargs="+", default=["all"], help="classes; 10 or 'uncond'; 'all'")
-    g.add_argument("--n", "--num-samples", type=int, default=8, help="samples per label (torchrun: --num-samples)")
-    g.add_argument("--cfg", "--guidance_scale", type=float, nargs="+", default=[6.0],
-                   help="guidance W: v_u + W*(v_c - v_u); 0 uncond, 1 cond (several with --sweep)")
-    g.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], default="ddim", help="reverse process")
-    g.add_argument("--sample-steps", type=int, default=100, help="steps K of ddim/dpmpp (ddpm uses T)")
-    g.add_argument("--eta", type=float, nargs="+", default=[1.0], help="DDIM noise: 1 stochastic (best), 0 none")
-    g.add_argument("--schedules", nargs="+", choices=["cosine", "linear"], default=["cosine"], help="--sweep's")
-    g.add_argument("--gif", action="store_true", help="with --sample, also write denoise.gif")
-    g.add_argument("--fid", type=int, default=0, help="FID/IS from N samples against the test split")
-    g.add_argument("--fid-weights", default="download", help="FID Inception weights: download or a path")
-    g = p.add_argument_group("system")
-    g.add_argument("--out-dir", default="out/stl10_vpred_clip", help="where everything is written")
-    g.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
-    g.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on CUDA only")
-    g.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
-    g.add_argument("--tensorboard", action="store_true", help="also log to <out-dir>/tb (with projector)")
-    g.add_argument("--config", default=None, help="a run's config.json to use as defaults")
-    args = p.parse_args(argv)
-    if args.config:  # a saved config becomes the defaults; flags given on the command line still win
-        if not os.path.isfile(args.config):
-            die(f"--config: no such file {args.config}")
-        p.set_defaults(**{k: v for k, v in json.load(open(args.config)).items() if k != "config"})
-        args = p.parse_args(argv)
-    for flag, ok in [("--steps", args.steps > 0), ("--cfg", min(args.cfg) >= 0), ("--iters", args.iters > 0),
-                     ("--sample-steps", args.sample_steps > 0), ("--n", args.n > 0), ("--accum", args.accum > 0),
-                     ("--batch-size", args.batch_size > 0), ("--p-uncond", 0 <= args.p_uncond < 1),
-                     ("--eta", min(args.eta) >= 0), ("--overfit", args.overfit >= 0)]:
-        if not ok:
-            die(f"{flag} is out of range (see --help)")
-    if not args.sweep and (len(args.cfg) > 1 or len(args.eta) > 1):
-        die("--cfg and --eta take several values only with --sweep")
-    return args
+NAME = "stl10_vpred_clip"  # names the output folder; checkpoints record it
+DEFAULTS = dict(  # this script's values of the flags whose defaults differ between the five scripts
+    width=64, depth=2, dropout=0.1, steps=500, schedule="cosine", p_uncond=0.2, iters=50000,
+    batch_size=64, lr=2e-5, lr_decay="cosine", warmup=1000, weight_decay=0.01, ema=0.999,
+    val_size=0, workers=0, log_every=50, sample_every=5000, ckpt_every=1000, cfg=6.0, per_label=8,
+    sample_steps=100, eta=1.0)
+OWN_FLAGS = [  # this script's flags beyond the collection's: (flag, argparse keywords)
+    ("--cond", dict(choices=["clip", "learned"], default="clip",
+                    help="frozen CLIP text embeddings of the class names, or learned embeddings")),
+    ("--text-emb", dict(help="your own [classes + 1, D] table: a .pt dict with 'emb' (no CLIP)"))]
+EXTRAS = {}  # the source project's extras register here (last section); the rest runs without them
+CLIP_CACHE = "clip_text_emb_stl10_vitb32.pt"  # in --data-dir (--out-dir for an --image-folder)
+
 
 def die(msg):
+    """Bad input: one line on stderr, exit status 2."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 
+def get_args(argv=None):
+    """SPEC's flags with this script's DEFAULTS, its OWN_FLAGS and its source project's spellings;
+    --config's settings become defaults that the command line overrides."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.error = die  # argparse's own errors in one line too
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", default="./data", help="where the data set is or is downloaded to")
+    g.add_argument("--image-folder", help="train on your own images, one sub-folder per class")
+    g.add_argument("--limit", type=int, default=0, help="use the first N training images (0: all)")
+    g.add_argument("--val-size", type=int, help="images held out for the validation loss, best.pt")
+    g.add_argument("--workers", type=int, help="DataLoader processes that decode images")
+    g = p.add_argument_group("model and diffusion")
+    g.add_argument("--width", type=int, help="base channels (U-Net) or hidden size (DiT)")
+    g.add_argument("--depth", type=int, help="blocks per resolution (U-Net) or in all (DiT)")
+    g.add_argument("--dropout", type=float, help="dropout probability in the blocks")
+    g.add_argument("--steps", type=int, help="diffusion timesteps T of the noise schedule")
+    g.add_argument("--schedule", choices=["linear", "cosine", "sigmoid"], help="noise schedule")
+    g.add_argument("--p-uncond", type=float, help="probability of dropping the condition (CFG)")
+    g.add_argument("--uncond", action="store_true", help="plain DDPM: the condition is never used")
+    g.add_argument("--loss", choices=["mse", "l1"], default="mse", help="loss on the prediction")
+    g = p.add_argument_group("training")
+    g.add_argument("--iters", type=int, help="optimizer steps")
+    g.add_argument("--epochs", type=int, default=0, help="passes over the data (0: --iters)")
+    g.add_argument("--batch-size", type=int, help="images per micro-batch and device")
+    g.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, help="AdamW learning rate after the warm-up")
+    g.add_argument("--lr-decay", choices=["none", "cosine"], help="after the warm-up: to 0 or not")
+    g.add_argument("--warmup", type=int, help="steps of linear learning-rate warm-up")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="largest gradient norm (0: off)")
+    g.add_argument("--ema", type=float, help="EMA decay, warmed up as (1 + n) / (10 + n)")
+    g.add_argument("--seed", type=int, default=0, help="random seed: runs are repeatable")
+    g.add_argument("--log-every", type=int, help="steps between log.jsonl lines")
+    g.add_argument("--sample-every", type=int, help="steps between samples_<step>.png grids")
+    g.add_argument("--ckpt-every", type=int, help="steps between ckpt.pt saves")
+    g.add_argument("--save-every", type=int, default=0, help="steps between kept ckpt_<step>.pt")
+    g.add_argument("--keep", type=int, default=0, help="keep the newest K ckpt_<step>.pt (0: all)")
+    g.add_argument("--resume", action="store_true", help="continue from the run's ckpt.pt")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--sample", action="store_true", help="no training: sample from --ckpt")
+    g.add_argument("--ckpt", help="checkpoint to sample from (default: the run's ckpt.pt)")
+    g.add_argument("--labels", nargs="+", default=["all"], help="what to sample (see conditions)")
+    g.add_argument("--per-label", type=int, help="samples of each label with --sample (a row)")
+    g.add_argument("--cfg", type=float, help="guidance W: e_u + W (e_c - e_u); 0 uncond, 1 cond")
+    g.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], default="ddim",
+                   help="ancestral DDPM on all T steps, DDIM or DPM-Solver++(2M) on --sample-steps")
+    g.add_argument("--sample-steps", type=int, help="steps K of ddim and dpmpp")
+    g.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic, 1 ancestral")
+    g.add_argument("--gif", action="store_true", help="with --sample, also write denoise.gif")
+    g.add_argument("--fid", type=int, default=0, help="FID and IS of N samples (fid.json)")
+    g.add_argument("--fid-weights", default="download", help="Inception weights: download, a path")
+    g = p.add_argument_group("system")
+    g.add_argument("--out-dir", default=f"out/{NAME}", help="where everything is written")
+    g.add_argument("--device", choices=["cuda", "mps", "cpu"], help="default: the best present")
+    g.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="autocast; auto: bf16 on CUDA 8.0+, fp16 on older CUDA, else fp32")
+    g.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
+    g.add_argument("--tensorboard", action="store_true", help="also log to <out-dir>/tb")
+    g.add_argument("--config", help="a run's config.json: its settings become the defaults")
+    g = p.add_argument_group(f"{NAME} and its source project")
+    for flag, kw in OWN_FLAGS + EXTRAS.get("flags", []):
+        g.add_argument(flag, **kw)
+    p.set_defaults(**DEFAULTS)
+    spellings = EXTRAS.get("spellings", {})  # the source project's flag names -> ours (None: drop)
+    argv = [spellings.get(a, a) for a in (sys.argv[1:] if argv is None else argv)]
+    argv = [a for a in argv if a is not None]
+    args = p.parse_args(argv)
+    if args.config:  # a new run with a saved run's settings: never its --resume or --sample
+        try:
+            with open(args.config) as f:
+                config = dict(json.load(f), config=None, resume=False, sample=False)
+        except (OSError, ValueError, TypeError) as e:
+            die(f"--config {args.config}: not a readable config.json ({type(e).__name__})")
+        unknown = sorted(set(config) - set(vars(args)))
+        if unknown:
+            die(f"--config {args.config}: not a config of {NAME}.py (has {unknown[0]!r})")
+        p.set_defaults(**config)
+        args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(a):
+    """The range of every number, in one table: the first one outside ends the run, in one line."""
+    checks = [("--steps", a.steps > 0, "> 0"), ("--iters", a.iters > 0, "> 0"),
+              ("--epochs", a.epochs >= 0, ">= 0"), ("--batch-size", a.batch_size > 0, "> 0"),
+              ("--accum", a.accum > 0, "> 0"), ("--lr", a.lr > 0, "> 0"),
+              ("--warmup", a.warmup >= 0, ">= 0"), ("--weight-decay", a.weight_decay >= 0, ">= 0"),
+              ("--grad-clip", a.grad_clip >= 0, ">= 0"), ("--ema", 0 <= a.ema < 1, "in [0, 1)"),
+              ("--p-uncond", 0 <= a.p_uncond < 1, "in [0, 1)"), ("--width", a.width > 0, "> 0"),
+              ("--depth", a.depth > 0, "> 0"), ("--dropout", 0 <= a.dropout < 1, "in [0, 1)"),
+              ("--limit", a.limit >= 0, ">= 0"), ("--val-size", a.val_size >= 0, ">= 0"),
+              ("--workers", a.workers >= 0, ">= 0"), ("--log-every", a.log_every > 0, "> 0"),
+              ("--sample-every", a.sample_every > 0, "> 0"), ("--keep", a.keep >= 0, ">= 0"),
+              ("--ckpt-every", a.ckpt_every > 0, "> 0"), ("--cfg", a.cfg >= 0, ">= 0"),
+              ("--save-every", a.save_every >= 0, ">= 0"), ("--per-label", a.per_label > 0, "> 0"),
+              ("--sample-steps", a.sample_steps > 0, "> 0"), ("--eta", 0 <= a.eta <= 1, "in [0,1]"),
+              ("--fid", a.fid == 0 or a.fid >= 10, "0 or >= 10 (IS splits the samples in 10)")]
+    for flag, ok, rule in checks:
+        if not ok:
+            die(f"{flag} {getattr(a, flag[2:].replace('-', '_'))}: must be {rule}")
+
+
 # ----------------------------------------------------------------------------- data
-def get_data(args, train=True):
-    """The whole data set as uint8 [N, 3, 96, 96] plus labels [N] and the class names."""
-    if args.image_folder:
-        tf = torchvision.transforms
-        try:
-            ds = torchvision.datasets.ImageFolder(args.image_folder, transform=tf.Compose(
-                [tf.Resize(IMAGE_SIZE), tf.CenterCrop(IMAGE_SIZE), tf.PILToTensor()]))
-        except (FileNotFoundError, RuntimeError) as e:
-            die(f"--image-folder {args.image_folder}: {e}".splitlines()[0])
-        images = torch.stack([x for x, _ in ds])
-        labels, classes = torch.tensor(ds.targets), ds.classes
+
+META = dict(classes=["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship",
+                     "truck"], channels=3, size=96, hflip=True, fid_ref="stl10-test",
+            text_emb=None, context_dim=512)  # the facts of STL-10 (get_data's meta, less the table)
+
+
+def get_data(config, split="train"):
+    """(data set of (uint8 [3, 96, 96] image, label) pairs, meta): STL-10's labelled training split,
+    or for split="fid" the FID reference (its test split); or --image-folder resized to 96 (its own
+    reference). The training split's meta holds the conditioning table too (text_embeddings)."""
+    meta = dict(META)
+    if config["image_folder"]:
+        images, labels, meta["classes"] = image_folder(config["image_folder"], 96, 3)
+        data, meta["fid_ref"] = TensorDataset(images, labels), "image-folder"
     else:
-        try:
-            ds = torchvision.datasets.STL10(args.data_dir, split="train" if train else "test", download=True)
-        except Exception as e:  # no network: say where the files go
-            die(f"could not get STL-10 ({e}); put train_X.bin, train_y.bin, test_X.bin, test_y.bin, unlabeled_X.bin, "
-                f"class_names.txt (stl10_binary.tar.gz) in {args.data_dir}/stl10_binary/")
-        images, labels = torch.from_numpy(ds.data), torch.from_numpy(ds.labels.astype(np.int64))
-        classes = ds.classes  # from class_names.txt
-    if args.limit:
-        images, labels = images[:args.limit], labels[:args.limit]
-    if args.overfit and train:  # the seed's OVERFIT_TINY: a fixed subset, the same in every run
-        keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:args.overfit]
-        images, labels = images[keep], labels[keep]
-    return images, labels, list(classes)
+        root = config["data_dir"]
+        ds = download_once(lambda: torchvision.datasets.STL10(
+            root, "test" if split == "fid" else "train", download=True),
+            f"put train_X.bin, train_y.bin, test_X.bin, test_y.bin, unlabeled_X.bin and "
+            f"class_names.txt (from stl10_binary.tar.gz) in {root}/stl10_binary/")
+        data = TensorDataset(torch.from_numpy(ds.data), torch.as_tensor(ds.labels).long())
+    if split == "train":
+        meta.update(text_embeddings(config, meta["classes"]))
+    return data, meta
 
-def batches(n, batch_size, seed, rank, world, start_step):
-    """Index batches forever, epoch after epoch; the same seed and step give the same batch. The batch size
-    is checked here, before training starts, not at the first batch."""
-    sampler = DistributedSampler(range(n), world, rank, shuffle=True, seed=seed, drop_last=True)
-    per_epoch = len(sampler) // batch_size
-    if per_epoch == 0:
-        die(f"--batch-size {batch_size} is larger than the data set ({len(sampler)} images per device)")
-    def stream(epoch, skip):
-        while True:
-            sampler.set_epoch(epoch)
-            idx = torch.tensor(list(sampler))
-            for b in range(skip, per_epoch):
-                yield idx[b * batch_size:(b + 1) * batch_size]
-            epoch, skip = epoch + 1, 0
-    return stream(*divmod(start_step, per_epoch))
 
-def text_embeddings(args, classes):
-    """[n+1, D] embeddings of "a photo of a {class}" and "" (index n): --text-emb, the cache, or open_clip."""
-    prompts = [f"a photo of a {c}" for c in classes] + [""]
-    path = args.text_emb or os.path.join(args.out_dir if args.image_folder else args.data_dir, CLIP_CACHE)
-    if args.text_emb or os.path.isfile(path):
+def text_embeddings(config, classes):
+    """meta's conditioning table: text_emb, CLIP ViT-B/32's unit-norm embeddings [n + 1, D] of "a
+    photo of a {class}" for the n classes and of "" (row n: the null condition), computed by one
+    process per machine and cached, or --text-emb's; context_dim, their D. With --cond learned, or
+    when open_clip is not installed (config["cond"] then becomes "learned", and so config.json), no
+    table: the model learns 4 * width wide embeddings."""
+    if config["cond"] == "clip":
+        prompts = [f"a photo of a {c}" for c in classes] + [""]
+        folder = config["out_dir"] if config["image_folder"] else config["data_dir"]
+        path = config["text_emb"] or os.path.join(folder, CLIP_CACHE)
+        emb = download_once(lambda: clip_embeddings(prompts, path, config["text_emb"]),
+                            "open_clip fetches ViT-B/32's weights: pass --text-emb FILE instead")
+        if emb is not None:
+            return dict(text_emb=emb, context_dim=emb.shape[1])
+        if int(os.environ.get("RANK", 0)) == 0:  # stdout: stderr has only errors
+            print("note: open_clip is not installed: training learned label embeddings instead of "
+                  "CLIP text embeddings (for CLIP: pip install open_clip_torch, or pass --text-emb "
+                  "FILE)")
+        config["cond"] = "learned"
+    return dict(text_emb=None, context_dim=4 * config["width"])
+
+
+def clip_embeddings(prompts, path, given):
+    """CLIP's text embeddings of the prompts: the file `given` (--text-emb), the cache at `path` if
+    it holds these prompts, else open_clip's (the seed's ViT-B/32), written to `path`; None without
+    open_clip."""
+    if given or os.path.isfile(path):
         try:
             d = torch.load(path, map_location="cpu", weights_only=True)
-            emb, cached = d["emb"].float(), d["prompts"]
+            emb, cached = d["emb"].float(), d.get("prompts")
         except Exception as e:
             die(f"--text-emb {path}: not a readable embedding file ({type(e).__name__})")
-        if args.text_emb and len(emb) != len(prompts):
-            die(f"--text-emb {path} has {len(emb)} rows; need {len(prompts)} ({len(classes)} classes + unconditional)")
-        if args.text_emb or cached == prompts:
+        if given and (emb.dim() != 2 or len(emb) != len(prompts)):
+            die(f"--text-emb {path}: its emb is {list(emb.shape)}, needs [{len(prompts)}, D] (the "
+                f"{len(prompts) - 1} classes, then the empty prompt)")
+        if given or cached == prompts:
             return emb
     try:
         import open_clip
     except ImportError:
-        die("--cond clip needs CLIP: pip install open_clip_torch, or pass --text-emb FILE, or use --cond learned")
-    model, _, _ = open_clip.create_model_and_transforms("ViT-B-32", pretrained="openai")  # the seed's ViT-B/32
-    with torch.no_grad():  # the CLIP encoder stays frozen; unit norm, as CLIP compares them
-        emb = F.normalize(model.eval().encode_text(open_clip.get_tokenizer("ViT-B-32")(prompts)).float(), dim=-1)
+        return None
+    model = open_clip.create_model_and_transforms("ViT-B-32", pretrained="openai")[0]
+    tokens = open_clip.get_tokenizer("ViT-B-32")(prompts)
+    with torch.no_grad():  # the text encoder stays frozen; unit norm, as CLIP compares them
+        emb = F.normalize(model.eval().encode_text(tokens).float(), dim=-1)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     save_checkpoint(path, dict(emb=emb, context_dim=emb.shape[1], prompts=prompts))
     return emb
 
+
+def conditions(labels, per_label, meta, config):
+    """(cond, drop, row length) of --labels: class names or indices, 'uncond', or 'all'."""
+    return label_conds(labels, per_label, meta, config["uncond"])
+
+
+def image_folder(path, size, channels):
+    """uint8 [N, C, size, size] images (resized, centre-cropped), labels and class names of an
+    ImageFolder tree, in a fixed random order (so that --limit and the held-out images see every
+    class). An unreadable image stops the start, naming the file."""
+    if not os.path.isdir(path):
+        die(f"--image-folder {path}: not a folder")
+    tf = torchvision.transforms
+    resize = tf.Compose([tf.Resize(size), tf.CenterCrop(size), tf.PILToTensor()])
+    try:
+        ds = torchvision.datasets.ImageFolder(path)
+    except (FileNotFoundError, RuntimeError) as e:
+        die(f"--image-folder {path}: {e}".splitlines()[0])
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0)).tolist()
+    images = []
+    for i in tqdm(order, desc="reading images", leave=False, disable=None):  # None: on a terminal
+        try:
+            with Image.open(ds.samples[i][0]) as im:
+                images.append(resize(im.convert("L" if channels == 1 else "RGB")))
+        except OSError as e:
+            die(f"--image-folder: {ds.samples[i][0]} is not a readable image ({e})")
+    return torch.stack(images), torch.tensor(ds.targets)[order], ds.classes
+
+
+def download_once(fetch, where):
+    """A torchvision data set, downloaded by one process per machine while the others wait."""
+    wait = dist.is_initialized() and int(os.environ.get("LOCAL_RANK", 0)) > 0
+    if wait:
+        dist.barrier()
+    try:
+        ds = fetch()
+    except Exception as e:  # no network, or broken files: say which files go where
+        die(f"could not read or download the data set ({type(e).__name__}); {where}")
+    if dist.is_initialized() and not wait:
+        dist.barrier()
+    return ds
+
+
+def split_data(data, limit, val_size):
+    """(train, val): the last val_size images (at most a tenth) held out, the same in every run;
+    train: the first --limit of the others (0: all)."""
+    n = len(data) - min(val_size, len(data) // 10)
+    return Subset(data, torch.arange(min(limit or n, n))), Subset(data, torch.arange(n, len(data)))
+
+
+def batches(n, batch_size, seed, rank, world, start):
+    """Index batches forever, epoch after epoch, each rank its share; the same seed and start give
+    the same batches, so --resume continues mid-epoch."""
+    sampler = DistributedSampler(range(n), world, rank, shuffle=True, seed=seed, drop_last=True)
+    per_epoch = len(sampler) // batch_size
+    epoch, skip = divmod(start, per_epoch)
+    while True:
+        sampler.set_epoch(epoch)
+        idx = torch.tensor(list(sampler))
+        for b in range(skip, per_epoch):
+            yield idx[b * batch_size:(b + 1) * batch_size]
+        epoch, skip = epoch + 1, 0
+
+
+def loader(data, batch_size, seed, rank, world, start, workers, device):
+    """(uint8 images, conditions) batches from batch `start` on, fetched by `workers` processes; its
+    own generator leaves the global random stream alone (exact --resume)."""
+    if len(data) // world < batch_size:
+        die(f"--batch-size {batch_size} is larger than the data set ({len(data) // world} images "
+            f"per device)")
+    return iter(DataLoader(data, batch_size=None, num_workers=workers, generator=torch.Generator(),
+                           sampler=batches(len(data), batch_size, seed, rank, world, start),
+                           pin_memory=device.type == "cuda", persistent_workers=workers > 0))
+
+
+def to_model(images, device):
+    """uint8 [0, 255] -> float [-1, 1] on the device, channels_last (faster convolutions)."""
+    x = images.to(device, non_blocking=True).float() / 127.5 - 1
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 # ----------------------------------------------------------------------------- model
+
 def timestep_embedding(t, dim):
     """Sinusoidal embedding: [sin(t * f_k), cos(t * f_k)], f_k = 10000^(-k / (dim/2 - 1))."""
     freqs = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=t.device) / (dim // 2 - 1))
     args = t.float()[:, None] * freqs[None]
     return torch.cat([args.sin(), args.cos()], dim=1)
 
+
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice; the time embedding is added between them (no FiLM, as the seed)."""
+    """GroupNorm-SiLU-conv twice, the time embedding added between them (no FiLM, as the seed)."""
+
     def __init__(self, cin, cout, emb_dim, dropout):
         super().__init__()
-        self.norm1, self.conv1 = nn.GroupNorm(8, cin), nn.Conv2d(cin, cout, 3, padding=1)
-        self.time, self.dropout = nn.Linear(emb_dim, cout), nn.Dropout(dropout)
-        self.norm2, self.conv2 = nn.GroupNorm(8, cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.norm1 = nn.GroupNorm(8, cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.time = nn.Linear(emb_dim, cout)
+        self.norm2 = nn.GroupNorm(8, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.dropout = nn.Dropout(dropout)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
     def forward(self, x, emb):
         h = self.conv1(F.silu(self.norm1(x))) + self.time(F.silu(emb))[:, :, None, None]
         return self.skip(x) + self.conv2(self.dropout(F.silu(self.norm2(h))))
 
+
 class Attention(nn.Module):
-    """Multi-head attention of the pixels over themselves, or over context tokens [B, L, ctx_dim]."""
+    """Multi-head attention of the pixels over themselves, or (cross-attention) over context tokens
+    ctx [B, L, ctx_dim]; returns the update, which the caller adds."""
+
     def __init__(self, ch, ctx_dim=None, heads=4):
         super().__init__()
-        self.heads, self.norm = heads, nn.GroupNorm(8, ch)
-        self.q, self.proj = nn.Conv2d(ch, ch, 1), nn.Conv2d(ch, ch, 1)
+        self.heads = heads
+        self.norm = nn.GroupNorm(8, ch)
+        self.q = nn.Conv2d(ch, ch, 1)
         self.kv = nn.Conv2d(ch, 2 * ch, 1) if ctx_dim is None else nn.Linear(ctx_dim, 2 * ch)
+        self.proj = nn.Conv2d(ch, ch, 1)
+
     def forward(self, x, ctx=None):
         B, C, H, W = x.shape
         h = self.norm(x)
         kv = self.kv(h).flatten(2).transpose(1, 2) if ctx is None else self.kv(ctx)  # [B, L, 2C]
         k, v = kv.reshape(B, -1, 2, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
         q = self.q(h).reshape(B, self.heads, C // self.heads, H * W).transpose(-1, -2)
-        h = F.scaled_dot_product_attention(q, k, v)  # [B, heads, HW, C/heads]
+        h = F.scaled_dot_product_attention(q, k, v)  # [B, heads, H*W, C/heads]
         return self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
 
+
 class Block(nn.Module):
-    """The seed's U-Net layer: residual block (structure + time), image-only self-attention, then cross-attention
-    to the text added on top: out = res_out + cross_attn_out. Keys: the text and a learned null token (one key
-    alone would get softmax weight 1 everywhere), so each pixel chooses how much text it takes."""
+    """The seed's U-Net layer: residual block (structure and time), self-attention over the image,
+    then cross-attention to the text added on top: out = res_out + cross_attn_out. Its keys are the
+    text and a learned null token (one key alone would get softmax weight 1 everywhere), so that
+    each pixel chooses how much text it takes."""
+
     def __init__(self, cin, cout, emb_dim, ctx_dim, dropout, self_attn):
         super().__init__()
         self.res = ResBlock(cin, cout, emb_dim, dropout)
         self.attn = Attention(cout) if self_attn else None
-        self.cross, self.null = Attention(cout, ctx_dim), nn.Parameter(torch.randn(ctx_dim) * ctx_dim ** -0.5)
+        self.cross = Attention(cout, ctx_dim)
+        self.null = nn.Parameter(torch.randn(ctx_dim) * ctx_dim ** -0.5)
+
     def forward(self, x, emb, ctx):
         h = self.res(x, emb)
-        h = h + self.attn(h) if self.attn else h
-        return h + self.cross(h, torch.stack([self.null.expand_as(ctx).to(ctx.dtype), ctx], 1))
+        if self.attn is not None:
+            h = h + self.attn(h)
+        return h + self.cross(h, torch.stack([self.null.expand_as(ctx), ctx], 1))
+
 
 class UNet(nn.Module):
-    """96 -> 48 -> 24 -> 12 U-Net (one stage deeper than the 32x32 scripts); condition y picks a table row."""
-    def __init__(self, width, depth, n_classes, ctx_dim, cond, dropout=0.0, mults=(1, 2, 2, 4)):
+    """96 -> 48 -> 24 -> 12 U-Net of Blocks (self-attention at 24x24 and 12x12), skips concatenated.
+    The condition y picks a row of the conditioning table, a frozen buffer (CLIP's) or learned
+    embeddings; dropped rows take the last row, the null condition of CFG."""
+
+    def __init__(self, width, depth, n_classes, ctx_dim, frozen, dropout=0.0, channels=3,
+                 mults=(1, 2, 2, 4)):
         super().__init__()
-        self.width, emb_dim, chs = width, 4 * width, [width * m for m in mults]
-        self.time_mlp = nn.Sequential(nn.Linear(width, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        if cond == "clip":
+        emb_dim, chs = 4 * width, [width * m for m in mults]
+        self.width = width
+        self.time_mlp = nn.Sequential(nn.Linear(width, emb_dim), nn.SiLU(),
+                                      nn.Linear(emb_dim, emb_dim))
+        if frozen:  # saved with the weights, never trained
             self.register_buffer("text_emb", torch.zeros(n_classes + 1, ctx_dim))
         else:
             self.label_emb = nn.Embedding(n_classes + 1, ctx_dim)
-        block = lambda ci, co, res: Block(ci, co, emb_dim, ctx_dim, dropout, res <= 24)  # self-attn at 24, 12
-        self.stem, self.down, skips, c = nn.Conv2d(CHANNELS, width, 3, padding=1), nn.ModuleList(), [width], width
+        self.stem = nn.Conv2d(channels, width, 3, padding=1)
+        self.down, skips, c = nn.ModuleList(), [width], width
         for i, co in enumerate(chs):
             for _ in range(depth):
-                self.down.append(block(c, co, IMAGE_SIZE >> i))
+                self.down.append(Block(c, co, emb_dim, ctx_dim, dropout, i >= 2))
                 c = co
                 skips.append(c)
             if i < len(chs) - 1:
                 self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
                 skips.append(c)
-        self.mid, self.up = block(c, c, 0), nn.ModuleList()
+        self.mid = Block(c, c, emb_dim, ctx_dim, dropout, True)
+        self.up = nn.ModuleList()
         for i, co in reversed(list(enumerate(chs))):
             for _ in range(depth + 1):
-                self.up.append(block(c + skips.pop(), co, IMAGE_SIZE >> i))
+                self.up.append(Block(c + skips.pop(), co, emb_dim, ctx_dim, dropout, i >= 2))
                 c = co
             if i > 0:
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(c, c, 3, padding=1)))
-        self.out = nn.Sequential(nn.GroupNorm(8, c), nn.SiLU(), nn.Conv2d(c, CHANNELS, 3, padding=1))
-    def cond_table(self):  # the conditioning vectors: one row per class, then the unconditional row
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2),
+                                             nn.Conv2d(c, c, 3, padding=1)))
+        self.out = nn.Sequential(nn.GroupNorm(8, c), nn.SiLU(),
+                                 nn.Conv2d(c, channels, 3, padding=1))
+
+    def table(self):
+        """The conditioning vectors: a row per class, then the null row."""
         return self.text_emb if hasattr(self, "text_emb") else self.label_emb.weight
-    def forward(self, x, t, y):
-        emb, ctx = self.time_mlp(timestep_embedding(t, self.width)), self.cond_table()[y]
+
+    def forward(self, x, t, y, drop):
+        table = self.table()
+        ctx = table[torch.where(drop, len(table) - 1, y)]
+        emb = self.time_mlp(timestep_embedding(t, self.width))
         h = self.stem(x)
         hs = [h]
         for m in self.down:
@@ -273,65 +445,138 @@ class UNet(nn.Module):
         return self.out(h)
 
 
+def build_model(config, meta):
+    """The network for a run's settings and its data's facts, with meta's CLIP table (if any) copied
+    into its frozen buffer."""
+    if config["width"] % 8:
+        die(f"--width {config['width']}: must be a multiple of 8 (GroupNorm's 8 groups)")
+    text_emb = meta["text_emb"]
+    model = UNet(config["width"], config["depth"], len(meta["classes"]), meta["context_dim"],
+                 text_emb is not None, config["dropout"], meta["channels"])
+    if text_emb is not None:
+        model.text_emb.copy_(text_emb)
+    return model
+
+
 # ----------------------------------------------------------------------------- diffusion
+
 def make_betas(schedule, T):
-    if schedule == "linear":  # Ho et al.: 1e-4 .. 0.02 at T=1000, scaled so any T ends equally noisy
-        return torch.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=torch.float64)
-    # cosine (Nichol & Dhariwal): abar(t) = f(t)/f(0), f(t) = cos((t/T + s)/(1 + s) * pi/2)^2
-    f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + 0.008) / 1.008 * math.pi / 2) ** 2
-    return (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    """beta_1..beta_T, each below 0.999 so that abar_T > 0 however short the schedule."""
+    if schedule == "cosine":  # Nichol & Dhariwal: abar(t) = f(t) / f(0), f = cos(...)^2
+        f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + 0.008) / 1.008 * math.pi / 2)
+        return (1 - f[1:] ** 2 / f[:-1] ** 2).clamp(max=0.999)
+    if schedule == "sigmoid":  # sigmoid(linspace(-6, 6)) between 1e-4 and 0.02
+        betas = torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64)) * (0.02 - 1e-4) + 1e-4
+    else:  # linear (Ho et al.): 1e-4 .. 0.02
+        betas = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+    return (betas * 1000 / T).clamp(max=0.999)  # those are for T=1000: any T ends as noisy
+
 
 def make_alphas_cumprod(schedule, T, device):
+    """abar_t = prod_{s <= t} (1 - beta_s), float32 on the device."""
     return torch.cumprod(1 - make_betas(schedule, T), 0).float().to(device)
+
 
 def q_sample(x0, t, noise, alphas_cumprod):
     """x_t = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * eps"""
-    abar = alphas_cumprod[t].view(-1, 1, 1, 1)
+    abar = alphas_cumprod[t].view(-1, *[1] * (x0.dim() - 1))
     return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
-def v_target(x0, eps, abar):  # v = sqrt(abar) * eps - sqrt(1 - abar) * x0 (Salimans & Ho)
-    return abar.sqrt() * eps - (1 - abar).sqrt() * x0
 
-def v_to_eps(v, x, abar):  # eps = sqrt(abar) * v + sqrt(1 - abar) * x_t
-    return abar.sqrt() * v + (1 - abar).sqrt() * x
+def loss_target(x0, noise, abar):
+    """What the network learns to predict: v = sqrt(abar) * eps - sqrt(1 - abar) * x0 (Salimans &
+    Ho), the seed's v-prediction."""
+    return abar.sqrt() * noise - (1 - abar).sqrt() * x0
 
-def v_to_x0(v, x, abar):  # x0 = sqrt(abar) * x_t - sqrt(1 - abar) * v
-    return abar.sqrt() * x - (1 - abar).sqrt() * v
 
-def eps_from_v(v_fn, alphas_cumprod):
-    """A v-denoiser v_fn(x, t) as the eps-denoiser the samplers take."""
-    return lambda x, t: v_to_eps(v_fn(x, t), x, alphas_cumprod[t].view(-1, *[1] * (x.dim() - 1)))
+def eps_from_pred(pred, x, abar):
+    """The network's v (guided already: cfg_denoiser works on the prediction) as the noise eps that
+    the samplers take: eps = sqrt(abar) * v + sqrt(1 - abar) * x_t."""
+    return abar.sqrt() * pred + (1 - abar).sqrt() * x
 
-def p_losses(model, x0, y, alphas_cumprod, p_uncond, null):
-    """v-prediction loss ||v - v_theta(x_t, t, y)||^2; the condition dropped to `null` with p_uncond."""
-    t = torch.randint(0, len(alphas_cumprod), (x0.shape[0],), device=x0.device)
-    noise = torch.randn_like(x0)
-    y = torch.where(torch.rand(y.shape, device=y.device) < p_uncond, null, y)
-    v = v_target(x0, noise, alphas_cumprod[t].view(-1, 1, 1, 1))
-    return F.mse_loss(model(q_sample(x0, t, noise, alphas_cumprod), t, y).float(), v)
+
+def p_losses(model, x0, cond, alphas_cumprod, p_uncond, loss="mse", t=None, noise=None, drop=None):
+    """||loss_target - model(x_t, t, cond)||^2 (or L1), x_t = q_sample(x0, t, eps), the condition
+    dropped with probability p_uncond (CFG). t, eps and the drops are drawn from the CPU generator,
+    which --resume restores on any device, unless given."""
+    B, device = x0.shape[0], x0.device
+    t = torch.randint(0, len(alphas_cumprod), (B,)).to(device) if t is None else t
+    noise = torch.randn(x0.shape).to(device) if noise is None else noise
+    drop = (torch.rand(B) < p_uncond).to(device) if drop is None else drop
+    pred = model(q_sample(x0, t, noise, alphas_cumprod), t, cond, drop).float()
+    target = loss_target(x0, noise, alphas_cumprod[t].view(-1, 1, 1, 1))
+    return F.mse_loss(pred, target) if loss == "mse" else F.l1_loss(pred, target)
+
+
+@torch.no_grad()
+def eval_loss(model, data, alphas_cumprod, config, dtype, batch_size=250):
+    """Mean loss over `data`, condition kept, on timesteps and noise fixed by seed 0: comparable
+    between steps, and the training's random streams are untouched."""
+    g, total, device = torch.Generator().manual_seed(0), 0.0, alphas_cumprod.device
+    for idx in torch.arange(len(data)).split(batch_size):
+        images, cond = data[idx]
+        x0 = to_model(images, device)
+        t = torch.randint(0, len(alphas_cumprod), (len(x0),), generator=g).to(device)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        drop = torch.full((len(x0),), config["uncond"], device=device)
+        with autocast(dtype, device):
+            loss = p_losses(model, x0, cond.to(device), alphas_cumprod, 0, config["loss"], t, noise,
+                            drop)
+        total += loss.item() * len(x0)
+    return total / len(data)
 
 
 # ----------------------------------------------------------------------------- sampling
-def cfg_denoiser(model, y, w, null):
-    """v(x, t) with classifier-free guidance: v = v_u + w * (v_c - v_u) (SPEC's convention on v: w=0
-    unconditional, w=1 conditional), the whole prediction guided, both halves in one doubled batch."""
-    if w == 1:
-        return lambda x, t: model(x, t, y).float()
-    y2 = torch.cat([y, torch.full_like(y, null)])
-    def v_fn(x, t):
-        v_c, v_u = model(torch.cat([x, x]), torch.cat([t, t]), y2).float().chunk(2)
-        return v_u + w * (v_c - v_u)
-    return v_fn
 
-def sample_timesteps(t_start, steps):
+def cfg_denoiser(model, cond, drop, w):
+    """The prediction with classifier-free guidance, pred = pred_u + w * (pred_c - pred_u) (SPEC:
+    w=0 unconditional, w=1 conditional), both halves in one doubled batch; rows with drop stay
+    unconditional."""
+    if w in (0, 1) or drop.all():  # one half is enough
+        d = torch.ones_like(drop) if w == 0 else drop
+        return lambda x, t: model(x, t, cond, d).float()
+
+    def pred_fn(x, t):
+        pred_c, pred_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, cond]),
+                               torch.cat([drop, torch.ones_like(drop)])).float().chunk(2)
+        return pred_u + w * (pred_c - pred_u)
+    return pred_fn
+
+
+def denoiser(model, cond, drop, w, alphas_cumprod):
+    """eps(x, t) for the samplers: the guided prediction as eps, the clean image it implies clipped
+    to [-1, 1] and eps recomputed. Near t = T, x0 = (x - sqrt(1-abar) eps) / sqrt(abar) multiplies
+    any error of eps by 1/sqrt(abar) (2e4 with the cosine schedule)."""
+    pred_fn = cfg_denoiser(model, cond, drop, w)
+
+    def eps_fn(x, t):
+        abar = alphas_cumprod[t].view(-1, 1, 1, 1)
+        eps = eps_from_pred(pred_fn(x, t), x, abar)
+        x0 = ((x - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1, 1)
+        return (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+    return eps_fn
+
+
+def ddim_timesteps(t_start, steps):
+    """`steps` timesteps evenly from t_start down to 0."""
     return torch.linspace(t_start, 0, steps).round().long().tolist()
 
-def ddim_sample(eps_fn, x, alphas_cumprod, steps, eta, generator=None, path=None, t_start=-1):
-    """DDIM (Song et al.) from x at t_start (-1: T-1) on `steps` timesteps; eta=1 on all T steps is DDPM."""
-    ts = sample_timesteps(t_start % len(alphas_cumprod), steps)
-    for i, t in enumerate(tqdm(ts, desc="sampling", leave=False, disable=len(ts) < 50)):
+
+def dpmpp_timesteps(alphas_cumprod, t_start, steps):
+    """`steps` timesteps evenly in lambda = log(alpha / sigma), from t_start or from lambda = -5
+    (where x_t is pure noise already; the cosine schedule reaches -10: wasted steps) down to 0."""
+    lam = 0.5 * torch.log(alphas_cumprod / (1 - alphas_cumprod)).cpu()
+    grid = torch.linspace(max(lam[t_start].item(), -5.0), lam[0].item(), steps)
+    return sorted({int((lam - g).abs().argmin()) for g in grid}, reverse=True)
+
+
+def ddim_sample(eps_fn, x, alphas_cumprod, timesteps, eta=0.0, generator=None, callback=None):
+    """DDIM (Song et al.) from x at timesteps[0] down the timesteps to the clean image; eta=1 on
+    every timestep is DDPM's ancestral sampler (variance beta_tilde). callback(x, t) returns each
+    step's result: recorded, or changed (steering)."""
+    for i, t in enumerate(tqdm(timesteps, "sampling", leave=False, disable=len(timesteps) < 50)):
         abar = alphas_cumprod[t]
-        abar_prev = alphas_cumprod[ts[i + 1]] if i + 1 < len(ts) else torch.ones_like(abar)
+        abar_prev = alphas_cumprod[timesteps[i + 1]] if i + 1 < len(timesteps) else abar ** 0
         eps = eps_fn(x, torch.full((x.shape[0],), t, device=x.device))
         x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
         # sigma^2 = eta^2 * (1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)
@@ -339,360 +584,702 @@ def ddim_sample(eps_fn, x, alphas_cumprod, steps, eta, generator=None, path=None
         x = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
         if sigma > 0:
             x = x + sigma * torch.randn(x.shape, generator=generator).to(x.device)
-        if path is not None:
-            path.append(x.cpu())
+        if callback is not None:
+            x = callback(x, t)
     return x
 
-def dpmpp_sample(eps_fn, x, alphas_cumprod, steps, path=None, t_start=-1):
-    """DPM-Solver++(2M) (Lu et al. 2022) in data prediction, lambda = log(alpha / sigma), last step first order.
-    Timesteps uniform in lambda from -5 (the cosine schedule's -9.2 at T=500 is pure noise) to lambda(0)."""
+
+def dpmpp_sample(eps_fn, x, alphas_cumprod, timesteps, callback=None):
+    """DPM-Solver++(2M) (Lu et al. 2022), data prediction, lambda = log(alpha / sigma), from x at
+    timesteps[0] down the timesteps; the last step, to the clean image, is first order."""
     alpha, sigma = alphas_cumprod.sqrt(), (1 - alphas_cumprod).sqrt()
     lam = torch.log(alpha / sigma)
-    grid = torch.linspace(max(lam[t_start].item(), -5.0), lam[0].item(), steps, device=lam.device)
-    ts = sorted({int((lam - g).abs().argmin()) for g in grid}, reverse=True)
     x0_prev, h_prev = None, None
-    for i, t in enumerate(tqdm(ts, desc="sampling", leave=False, disable=len(ts) < 50)):
+    for i, t in enumerate(tqdm(timesteps, "sampling", leave=False, disable=len(timesteps) < 50)):
         x0 = (x - sigma[t] * eps_fn(x, torch.full((x.shape[0],), t, device=x.device))) / alpha[t]
-        if i + 1 == len(ts):
+        if i + 1 == len(timesteps):
             x = x0
         else:
-            s = ts[i + 1]
-            h = torch.log(alpha[s] / sigma[s]) - torch.log(alpha[t] / sigma[t])
-            d = x0 if x0_prev is None else x0 + (x0 - x0_prev) * h / (2 * h_prev)  # (1 + 1/2r) x0 - x0_prev/2r
+            s = timesteps[i + 1]
+            h = lam[s] - lam[t]
+            d = x0 if x0_prev is None else x0 + (x0 - x0_prev) * h / (2 * h_prev)  # 2nd order
             x = sigma[s] / sigma[t] * x - alpha[s] * torch.expm1(-h) * d
             x0_prev, h_prev = x0, h
-        if path is not None:
-            path.append(x.cpu())
+        if callback is not None:
+            x = callback(x, t)
     return x
 
-def sample(eps_fn, x, alphas_cumprod, sampler, steps, eta, generator=None, path=None, t_start=-1):
-    """From x at t_start (-1: T-1, pure noise); a partial start takes its share of the K steps."""
-    T = len(alphas_cumprod)
-    if sampler == "ddpm":  # ancestral: DDIM with eta=1 on every timestep
-        sampler, steps, eta = "ddim", T, 1.0
-    K = max(1, round(min(steps, T) * (t_start % T + 1) / T))
-    if sampler == "ddim":
-        return ddim_sample(eps_fn, x, alphas_cumprod, K, eta, generator, path, t_start)
-    return dpmpp_sample(eps_fn, x, alphas_cumprod, K, path, t_start)
 
-@torch.no_grad()
-def generate(model, alphas_cumprod, labels, args, seed=0, path=None, w=None, eta=None, sampler=None):
-    """Images in [-1, 1] for `labels` from fixed seeds; w, eta, sampler default to --cfg, --eta, --sampler."""
-    device, null = alphas_cumprod.device, len(model.cond_table()) - 1
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn((len(labels), CHANNELS, IMAGE_SIZE, IMAGE_SIZE), generator=g).to(device)
-    y = torch.tensor(labels, device=device)
-    eps_fn = eps_from_v(cfg_denoiser(model, y, args.cfg[0] if w is None else w, null), alphas_cumprod)
-    return sample(eps_fn, x, alphas_cumprod, sampler or args.sampler, args.sample_steps,
-                  args.eta[0] if eta is None else eta, g, path).clamp(-1, 1)
+@torch.no_grad()  # not inference_mode: a steering callback may take gradients
+def generate(model, cond, drop, alphas_cumprod, shape, seed=0, sampler="ddim", steps=50, eta=0.0,
+             w=1.0, x=None, t_start=None, columns=None, callback=None):
+    """Images in [-1, 1] for the rows of cond (rows with drop: unconditional) from fixed seeds: from
+    pure noise (with `columns`, a grid of that width whose rows start from the same noise, so that
+    they differ by their condition only), or from x at t_start (a reconstruction: its share of the
+    steps). ddpm walks every timestep (DDIM, eta=1); ddim and dpmpp take `steps`."""
+    T, g = len(alphas_cumprod), torch.Generator().manual_seed(seed)
+    if x is None:
+        x, t_start = torch.randn((columns or len(cond), *shape), generator=g), T - 1
+        x = x.repeat(len(cond) // len(x), 1, 1, 1)
+    x = x.to(alphas_cumprod.device).contiguous(memory_format=torch.channels_last)
+    K = max(1, round(min(steps, T) * (t_start + 1) / T))
+    eps_fn = denoiser(model, cond.to(x.device), drop.to(x.device), w, alphas_cumprod)
+    if sampler == "dpmpp":
+        ts = dpmpp_timesteps(alphas_cumprod, t_start, K)
+        return dpmpp_sample(eps_fn, x, alphas_cumprod, ts, callback).clamp(-1, 1)
+    if sampler == "ddpm":
+        K, eta = t_start + 1, 1.0
+    ts = ddim_timesteps(t_start, K)
+    return ddim_sample(eps_fn, x, alphas_cumprod, ts, eta, g, callback).clamp(-1, 1)
 
-def class_grid(model, alphas_cumprod, args, path=None):
-    """Fixed seeds, one row per class plus the unconditional row, --n samples each."""
-    rows = range(len(model.cond_table()))
-    return generate(model, alphas_cumprod, [r for r in rows for _ in range(args.n)], args, args.seed, path)
+
+def sampling(config):
+    """The sampler settings of a run's or the command line's config, as generate's keywords."""
+    return dict(sampler=config["sampler"], steps=config["sample_steps"], eta=config["eta"],
+                w=config["cfg"])
+
+
+def tracer(trace, rows=slice(None)):
+    """A sampler callback keeping every step's x (its `rows`) on the CPU: path figures, GIFs."""
+    def keep(x, t):
+        trace.append(x[rows].cpu())
+        return x
+    return keep
+
+
+def label_conds(labels, per_label, meta, uncond):
+    """(labels, drop, row length) for --labels: class names or indices, 'uncond' or the index
+    len(classes) (the null class), or 'all' (every class, then uncond); per_label of each, a row
+    each. An unconditional model has only the unconditional row."""
+    classes = meta["classes"]
+    words = [w.strip() for text in labels for w in text.split(",") if w.strip()]
+    if uncond or words == ["all"]:
+        words = ["uncond"] if uncond else classes + ["uncond"]
+    rows = []
+    for w in words:
+        if w in classes:
+            rows.append(classes.index(w))
+        elif w == "uncond" or (w.isdigit() and int(w) <= len(classes)):
+            rows.append(len(classes) if w == "uncond" else int(w))
+        else:
+            die(f"--labels: unknown class {w!r} (use {', '.join(classes)}, 0-{len(classes)}, "
+                f"uncond or all)")
+    y = torch.tensor(rows).repeat_interleave(per_label)
+    return y.clamp(max=len(classes) - 1), y == len(classes), per_label
+
 
 def save_grid(x, path, nrow):
+    """Images in [-1, 1] as one PNG, nrow to a row."""
     torchvision.utils.save_image(x * 0.5 + 0.5, path, nrow=nrow, padding=1, pad_value=1.0)
 
-def path_figure(path, n_rows, out):
-    """The reverse (denoising) path: a row per sample, columns from noise to image."""
-    cols = torch.linspace(0, len(path) - 1, min(len(path), 10)).round().long().tolist()
-    save_grid(torch.stack([path[c][:n_rows] for c in cols], 1).flatten(0, 1).clamp(-1, 1), out, len(cols))
 
-def save_gif(path, out, nrow):
-    frames = torch.linspace(0, len(path) - 1, min(len(path), 50)).round().long().tolist()
-    grids = [torchvision.utils.make_grid(path[f].clamp(-1, 1) * 0.5 + 0.5, nrow=nrow, padding=1) for f in frames]
-    imgs = [Image.fromarray(g.mul(255).round().byte().permute(1, 2, 0).numpy()) for g in grids]
-    imgs[0].save(out, save_all=True, append_images=imgs[1:], duration=80, loop=0)
+def path_figure(trace, path):
+    """Denoising paths: a row per traced sample, 10 columns from noise to image."""
+    cols = torch.linspace(0, len(trace) - 1, min(len(trace), 10)).round().long().tolist()
+    save_grid(torch.stack([trace[c] for c in cols], 1).flatten(0, 1).clamp(-1, 1), path, len(cols))
 
 
-# ----------------------------------------------------------------------------- the seed's diagnostics
-def embedding_map(x, names, out):
-    """2-D map of the conditioning vectors x, labelled: t-SNE with scikit-learn installed, else PCA."""
-    try:
-        from sklearn.manifold import TSNE
-        xy = torch.from_numpy(TSNE(2, perplexity=min(5, len(x) - 1), init="pca", random_state=0)
-                              .fit_transform(x.numpy())).float()
-        method = "t-SNE"
-    except ImportError:
-        x = x - x.mean(0)
-        xy, method = x @ torch.linalg.svd(x, full_matrices=False)[2][:2].T, "PCA"  # two principal axes
-    xy = (xy - xy.min(0).values) / (xy.max(0).values - xy.min(0).values).clamp(min=1e-8) * 330 + 35
-    img = Image.new("RGB", (480, 400), "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((8, 6), f"conditioning embeddings, {method}", fill="black")
-    for i, ((px, py), name) in enumerate(zip(xy.tolist(), names)):
-        draw.ellipse([px - 5, py - 5, px + 5, py + 5], fill=ImageColor.getrgb(f"hsl({i * 360 // len(names)},70%,45%)"))
-        draw.text((px + 8, py - 6), name, fill="black")
-    img.save(out)
-
-@torch.no_grad()
-def diagnostics(model, alphas_cumprod, images, labels, classes, args, out, writer=None, step=0):
-    """The seed's five checks: embedding map, denoising collage, class grid, reconstructions, their sweep."""
-    os.makedirs(out, exist_ok=True)
-    names, n, table = classes + ["uncond"], len(classes), model.cond_table().detach().float().cpu()
-    embedding_map(table, names, os.path.join(out, "embeddings.png"))
-    if writer:  # the seed's label-embedding projector
-        writer.add_embedding(table, metadata=names, global_step=step, tag="conditioning")
-    path = []
-    generate(model, alphas_cumprod, [0, n // 2, n - 1, n], args, args.seed, path)
-    path_figure(path, 4, os.path.join(out, "collage.png"))
-    save_grid(class_grid(model, alphas_cumprod, args), os.path.join(out, f"grid_cfg{args.cfg[0]}.png"), args.n)
-    ts = [max(0, round(f * len(alphas_cumprod)) - 1) for f in (0.1, 0.25, 0.5, 0.75, 1.0)]
-    x0 = images[:4].to(alphas_cumprod.device).float() / 127.5 - 1
-    # forward-diffuse to each t (fixed noise), then reverse from t with the true class, unguided (w=1)
-    g, y = torch.Generator().manual_seed(args.seed), labels[:4].to(x0.device)
-    noise = torch.randn(x0.shape, generator=g).to(x0.device)
-    noisy = [q_sample(x0, torch.full_like(y, t), noise, alphas_cumprod) for t in ts]
-    eps_fn = eps_from_v(cfg_denoiser(model, y, 1.0, None), alphas_cumprod)
-    recon = [sample(eps_fn, x, alphas_cumprod, args.sampler, args.sample_steps, args.eta[0], g, None, t).clamp(-1, 1)
-             for x, t in zip(noisy, ts)]
-    single = [x0[0]] + [x[0] for x in noisy] + [x0[0]] + [x[0] for x in recon]
-    save_grid(torch.stack(single), os.path.join(out, "reconstruction.png"), len(ts) + 1)
-    panel = torch.stack([x0] + recon, 1).flatten(0, 1)  # rows: original, then reconstructions from each t
-    save_grid(panel, os.path.join(out, "reconstruction_sweep.png"), len(ts) + 1)
+def save_gif(trace, path, nrow):
+    """denoise.gif: one frame per sampler step (at most 50), the whole grid in each."""
+    frames = torch.linspace(0, len(trace) - 1, min(len(trace), 50)).round().long().tolist()
+    imgs = []
+    for f in frames:
+        grid = torchvision.utils.make_grid(trace[f].clamp(-1, 1) * 0.5 + 0.5, nrow=nrow, padding=1)
+        imgs.append(Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy()))
+    imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=80, loop=0)
 
 
-# ----------------------------------------------------------------------------- EMA, checkpoints, FID
+# ------------------------------------------------------------------- EMA, checkpoints, system
+
 @torch.no_grad()
 def update_ema(ema, model, decay):
+    """ema = decay * ema + (1 - decay) * model; buffers copied."""
     for pe, p in zip(ema.parameters(), model.parameters()):
         pe.lerp_(p, 1 - decay)
     for be, b in zip(ema.buffers(), model.buffers()):
         be.copy_(b)
 
+
 def save_checkpoint(path, state):
-    """Write to a temporary file in the same folder, then rename: a crash never leaves a broken file."""
-    torch.save(state, f"{path}.tmp")
+    """A temporary file in the same folder, then renamed over `path`: a crash or a full disk never
+    leaves a broken file, and the previous one stays until the new one is whole."""
+    try:
+        torch.save(state, f"{path}.tmp")
+    except (OSError, RuntimeError) as e:  # a full disk: RuntimeError "... unexpected pos ..."
+        if os.path.exists(f"{path}.tmp"):
+            os.remove(f"{path}.tmp")
+        reason = str(e).splitlines()[0] if isinstance(e, OSError) else "no space left on the device"
+        sys.exit(f"error: {reason} while writing {path}; the previous one is kept")
     os.replace(f"{path}.tmp", path)
 
+
 def load_checkpoint(path, device):
+    """A checkpoint of this script, read as tensors and plain values only (it cannot run code)."""
     if not os.path.isfile(path):
         die(f"no checkpoint at {path} (train first, or pass --ckpt)")
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        ck = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         die(f"{path} is not a readable checkpoint ({type(e).__name__})")
+    if not isinstance(ck, dict) or ck.get("script") != NAME:
+        die(f"{path} is not a checkpoint of {NAME}.py")
+    return ck
 
-def build_model(cfg, n_classes, ctx_dim):
-    return UNet(cfg["width"], cfg["depth"], n_classes, ctx_dim, cfg["cond"], cfg["dropout"])
 
 def load_weights(module, state, path):
     try:
         module.load_state_dict(state)
     except RuntimeError:
-        die(f"checkpoint {path} does not match this model (check --width, --depth, --cond, --text-emb)")
-
-def run_fid(args, model, alphas_cumprod, classes, rank, world):
-    """FID and IS of args.fid class-balanced samples against the test split; each rank makes its share."""
-    import fid  # only here, so this file runs without fid.py
-    images, _, _ = get_data(args, train=False)
-    mine, n = list(range(rank, args.fid, world)), len(classes)
-    real = (images[mine[i:i + 100]].float() / 255 for i in range(0, len(mine), 100))
-    fake = ((generate(model, alphas_cumprod, [j % n for j in mine[i:i + 100]], args, seed=args.seed + i + 1) + 1) / 2
-            for i in range(0, len(mine), 100))
-    src = "folder" if args.image_folder else "stl10-test"
-    cache = None if args.image_folder else os.path.join(args.data_dir, f"fid_stats_{src}_{IMAGE_SIZE}_{args.fid}.npz")
-    res = fid.evaluate(fake, real, len(mine), cache=cache, inception_score=True, weights=args.fid_weights,
-                       device=alphas_cumprod.device)
-    if rank == 0:
-        res.update(sampler=args.sampler, sample_steps=args.sample_steps, cfg=args.cfg[0], eta=args.eta[0], real=src)
-        json.dump(res, open(os.path.join(args.out_dir, "fid.json"), "w"), indent=2)
-        print(f"FID {res['fid']:.2f}, IS {res['inception_score_mean']:.2f} from {args.fid} samples -> fid.json")
+        die(f"{path} does not match this model (check --width, --depth and the data)")
 
 
-# ----------------------------------------------------------------------------- training
-def setup(args):
-    """Device and DistributedDataParallel: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE."""
-    ddp = "RANK" in os.environ
-    name = args.device or ("cuda" if torch.cuda.is_available() else
-                           "mps" if torch.backends.mps.is_available() else "cpu")
-    rank, world = 0, 1
+def setup(name):
+    """The device (the best present unless named) and DistributedDataParallel: torchrun sets RANK,
+    LOCAL_RANK and WORLD_SIZE; NCCL on CUDA, gloo otherwise."""
+    present = dict(cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available(), cpu=True)
+    name = name or next(k for k, ok in present.items() if ok)
+    if not present[name]:
+        die(f"--device {name}: not present on this machine")
+    ddp, rank, world = "RANK" in os.environ, 0, 1
     if ddp:
         dist.init_process_group("nccl" if name == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
-        if name == "cuda":
-            name = f"cuda:{os.environ['LOCAL_RANK']}"
-            torch.cuda.set_device(name)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if name == "cuda":
+        name = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+        torch.cuda.set_device(name)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return torch.device(name), ddp, rank, world
 
-def autocast(args, device):
-    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, torch.bfloat16) if bf16 else nullcontext()
 
-def train(args, device, ddp, rank, world):
-    master = rank == 0
-    torch.manual_seed(args.seed + rank)
-    images, labels, classes = get_data(args)
-    alphas_cumprod = make_alphas_cumprod(args.schedule, args.steps, device)
-    emb = text_embeddings(args, classes) if args.cond == "clip" else None
-    ctx_dim = emb.shape[1] if emb is not None else 4 * args.width
-    raw = build_model(vars(args), len(classes), ctx_dim)
-    if emb is not None:
-        raw.text_emb.copy_(emb)  # the frozen CLIP table, a buffer saved with the weights
-    raw = raw.to(device).to(memory_format=torch.channels_last)
-    ema = copy.deepcopy(raw).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(raw.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
-    ckpt_path, step = os.path.join(args.out_dir, "ckpt.pt"), 0
-    if args.resume:
-        ck = load_checkpoint(ckpt_path, device)
-        load_weights(raw, ck["model"], ckpt_path)
-        load_weights(ema, ck["ema"], ckpt_path)
-        opt.load_state_dict(ck["opt"])
-        step = ck["step"]
-        torch.set_rng_state(ck["rng"][rank].cpu() if len(ck["rng"]) == world else ck["rng"][0].cpu())
-    model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw
-    model = torch.compile(model) if args.compile else model
-    writer = tensorboard_writer(args) if master else None
-    if master:
-        os.makedirs(args.out_dir, exist_ok=True)
-        json.dump(vars(args), open(os.path.join(args.out_dir, "config.json"), "w"), indent=2)
-        print(f"{sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, {len(images)} images, "
-              f"{len(classes)} classes, cond {args.cond} (dim {ctx_dim}), global batch "
-              f"{args.batch_size * args.accum * world}, {device}")
-    log = open(os.path.join(args.out_dir, "log.jsonl"), "a") if master else None
-    stream = batches(len(images), args.batch_size, args.seed, rank, world, step * args.accum)
-    loss_sum, n_loss, t0, t_log = torch.zeros((), device=device), 0, time.time(), time.time()
-    pbar = tqdm(range(step, args.iters), initial=step, total=args.iters, disable=not master)
-    for step in pbar:
-        # the seed's learning rate: linear warm-up, then cosine decay to 0 at --iters
-        decay = 0.5 * (1 + math.cos(math.pi * max(0, step - args.warmup) / max(1, args.iters - args.warmup)))
-        lr = args.lr * min(1.0, (step + 1) / args.warmup) * decay
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        for micro in range(args.accum):  # gradient accumulation: DDP syncs only on the last micro-batch
-            idx = next(stream)
-            x0 = images[idx].to(device, non_blocking=True).float() / 127.5 - 1
-            x0 = torch.where(torch.rand(len(x0), 1, 1, 1, device=device) < 0.5, x0.flip(3), x0)  # random flips
-            x0, y = x0.contiguous(memory_format=torch.channels_last), labels[idx].to(device, non_blocking=True)
-            with model.no_sync() if ddp and micro + 1 < args.accum else nullcontext():
-                with autocast(args, device):
-                    loss = p_losses(model, x0, y, alphas_cumprod, args.p_uncond, len(classes)) / args.accum
-                loss.backward()
-            loss_sum += loss.detach()
-        if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
-        opt.step()
-        update_ema(ema, raw, min(args.ema, (1 + step) / (10 + step)))
-        n_loss, done = n_loss + 1, step + 1
-        if done % args.log_every == 0 or done % args.ckpt_every == 0 or done == args.iters:
-            if ddp:
-                dist.all_reduce(loss_sum)
-            mean_loss = loss_sum.item() / n_loss / world
-            if not math.isfinite(mean_loss):  # stop before anything is saved; ckpt.pt stays the last good one
-                sys.exit(f"loss is {mean_loss} at step {done}; stopped, {ckpt_path} left as it was")
-            ips = n_loss * args.batch_size * args.accum * world / (time.time() - t_log)
-            rec = dict(step=done, loss=mean_loss, lr=lr, img_per_s=ips, elapsed=time.time() - t0)
-            loss_sum, n_loss, t_log = torch.zeros((), device=device), 0, time.time()
-            if master:
-                pbar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.1f}")
-                print(json.dumps(rec), file=log, flush=True)
-                for k in ("loss", "lr", "img_per_s") if writer else ():
-                    writer.add_scalar(k, rec[k], done)
-        periodic = args.save_every and done % args.save_every == 0
-        if done % args.ckpt_every == 0 or done == args.iters or periodic:
-            rng = gather_rng(ddp, world)
-            state = dict(model=raw.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=done,
-                         config=vars(args), rng=rng, classes=classes, context_dim=ctx_dim)
-            if master:
-                save_checkpoint(ckpt_path, state)
-                if periodic:
-                    save_checkpoint(os.path.join(args.out_dir, f"ckpt_{done}.pt"), state)
-                    prune_checkpoints(args.out_dir, args.keep)
-        if master and (done % args.sample_every == 0 or done == args.iters):
-            grid = class_grid(ema, alphas_cumprod, args)
-            save_grid(grid, os.path.join(args.out_dir, f"samples_{done}.png"), args.n)
-            if writer:
-                writer.add_image("samples", torchvision.utils.make_grid(grid * 0.5 + 0.5, nrow=args.n), done)
-        if master and args.diag_every and (done % args.diag_every == 0 or done == args.iters):
-            diagnostics(ema, alphas_cumprod, images, labels, classes, args,
-                        os.path.join(args.out_dir, "diagnostics", f"step_{done}"), writer, done)
-    if master:
-        print(f"done: {args.iters} steps in {time.time() - t0:.0f}s, loss {mean_loss:.4f} -> {args.out_dir}")
-    return ema, alphas_cumprod, classes
+def amp_dtype(name, device):
+    """--dtype as autocast's dtype (None: fp32). auto: bf16 where the GPU computes in bf16 (compute
+    capability 8.0 on), fp16 with loss scaling on older GPUs (T4, V100, P100), else fp32."""
+    if name == "auto" and device.type == "cuda":
+        name = "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name)
 
-def gather_rng(ddp, world):
-    """Every rank's torch RNG state, so a resumed run continues each rank's random stream."""
-    states = [torch.get_rng_state()] * world
-    if ddp:
-        dist.all_gather_object(states, states[0])
+
+def autocast(dtype, device):
+    return torch.autocast(device.type, dtype) if dtype else nullcontext()
+
+
+def rng_states(device):
+    """This process's random streams: the CPU's and the GPU's (dropout draws there)."""
+    states = dict(cpu=torch.get_rng_state())
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
     return states
 
-def prune_checkpoints(out_dir, keep):
-    steps = sorted(int(f[5:-3]) for f in os.listdir(out_dir) if f.startswith("ckpt_") and f.endswith(".pt"))
-    for s in steps[:-keep] if keep else []:
-        os.remove(os.path.join(out_dir, f"ckpt_{s}.pt"))
 
-def tensorboard_writer(args):
-    if not args.tensorboard:
-        return None
+def lock(out_dir):
+    """Claim --out-dir for this run: a second run on it stops with one line; the lock of a process
+    that died on this machine (kill -9, a power cut) is taken over."""
+    path = os.path.join(out_dir, "lock")
     try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        die("--tensorboard needs the tensorboard package: pip install tensorboard")
-    return SummaryWriter(os.path.join(args.out_dir, "tb"))
+        os.makedirs(out_dir, exist_ok=True)
+        if os.path.exists(path):
+            host, pid = (open(path).read().split() + ["?", "0"])[:2]
+            if host != socket.gethostname() or pid_alive(int(pid)):
+                die(f"--out-dir {out_dir}: in use by process {pid} on {host} (if no run is "
+                    f"using it, delete {path})")
+        with open(path, "w") as f:
+            f.write(f"{socket.gethostname()} {os.getpid()}\n")
+    except OSError as e:
+        die(f"--out-dir {out_dir}: cannot write there ({e.strerror})")
+    return path
 
 
-# ----------------------------------------------------------------------------- sampling entry points
-def parse_labels(tokens, n_classes):
-    """Indices 0..n_classes-1, n_classes (or 'uncond') for the unconditional row, 'all' for every row."""
-    out = []
-    for s in (s.strip() for tok in tokens for s in tok.split(",")):
-        if s == "all":
-            out += range(n_classes + 1)
-        elif s == "uncond":
-            out.append(n_classes)
-        elif s.isdigit() and int(s) <= n_classes:
-            out.append(int(s))
-        else:
-            die(f"--labels: unknown class {s!r} (use 0-{n_classes}, {n_classes} or 'uncond' is unconditional, 'all')")
-    return out
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0 only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, another user's
+        pass
+    return True
 
-def sample_main(args, device):
-    """--sample, --diagnostics, --sweep: the EMA model of --ckpt, built from the checkpoint's config."""
-    path = args.ckpt or os.path.join(args.out_dir, "ckpt.pt")
+
+# ----------------------------------------------------------------------------- training
+
+def new_run(config, meta, device, dtype):
+    """What training and sampling both need: model, EMA copy, noise schedule, image shape."""
+    model = build_model(config, meta).to(device).to(memory_format=torch.channels_last)
+    return SimpleNamespace(config=config, meta=meta, model=model, device=device, dtype=dtype,
+                           ema=copy.deepcopy(model).eval().requires_grad_(False), step=0,
+                           alphas_cumprod=make_alphas_cumprod(config["schedule"], config["steps"],
+                                                              device),
+                           shape=(meta["channels"], meta["size"], meta["size"]), writer=None)
+
+
+def build_run(args, device, rank, world):
+    """A run from the command line: data (training and held out), model, EMA, optimizer, loss
+    scaler, and with --resume the checkpoint's state. Nothing is written: a failed start changes
+    nothing."""
+    torch.manual_seed(args.seed + rank)  # each rank its own noise, timesteps, drops and flips
+    data, meta = get_data(vars(args))
+    run = new_run(vars(args), meta, device, amp_dtype(args.dtype, device))
+    run.train_set, run.val_set = split_data(data, args.limit, args.val_size)
+    run.opt = torch.optim.AdamW(run.model.parameters(), lr=args.lr, fused=device.type == "cuda",
+                                weight_decay=args.weight_decay)
+    run.scaler = torch.amp.GradScaler(device.type, enabled=run.dtype == torch.float16)
+    run.per_epoch = len(run.train_set) // (args.batch_size * args.accum * world)
+    run.total = args.epochs * max(run.per_epoch, 1) if args.epochs else args.iters
+    run.ckpt, run.best_val, run.state = os.path.join(args.out_dir, "ckpt.pt"), math.inf, {}
+    if args.resume:  # weights, EMA, optimizer, scaler, step, the extras' state, random streams
+        ck = load_checkpoint(run.ckpt, device)
+        load_weights(run.model, ck["model"], run.ckpt)
+        load_weights(run.ema, ck["ema"], run.ckpt)
+        run.opt.load_state_dict(ck["opt"])
+        run.scaler.load_state_dict(ck["scaler"])
+        rng = ck["rng"][rank if len(ck["rng"]) == world else 0]
+        torch.set_rng_state(rng["cpu"].cpu())
+        if "cuda" in rng and device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
+        run.step, run.best_val, run.state = ck["step"], ck["best_val"], ck["extras"]
+    if run.step >= run.total:
+        die(f"--resume: {run.ckpt} is at step {run.step} already (raise --iters or --epochs)")
+    return run
+
+
+def start_run(args, run, world):
+    """Rank 0, once the run can start: the lock, config.json, log.jsonl cut back to the resumed step
+    (after a crash the steps since the last checkpoint are trained again), TensorBoard."""
+    lock_path = lock(args.out_dir)
+    with open(os.path.join(args.out_dir, "config.json"), "w") as f:
+        json.dump(run.config, f, indent=2)
+    log = os.path.join(args.out_dir, "log.jsonl")
+    if os.path.exists(log):
+        with open(log) as f:
+            lines = [line for line in f if line.endswith("\n")]  # a kill -9 may cut the last one
+        with open(log, "w") as f:
+            f.writelines(line for line in lines if json.loads(line)["step"] <= run.step)
+    if args.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            die("--tensorboard needs the tensorboard package: pip install tensorboard")
+        run.writer = SummaryWriter(os.path.join(args.out_dir, "tb"))
+    print(f"{sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M parameters, "
+          f"{len(run.train_set)} images + {len(run.val_set)} held out, global batch "
+          f"{args.batch_size * args.accum * world}, {run.per_epoch} steps per epoch, "
+          f"{run.device}, autocast {run.dtype}")
+    return lock_path
+
+
+def get_lr(step, lr, warmup, total, decay):
+    """Linear warm-up over `warmup` steps, then constant or (decay "cosine") down to 0 at total."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if decay == "cosine":
+        return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return lr
+
+
+def train_step(model, wrapped, run, micro, ddp):
+    """One optimizer step on the micro-batches (gradient accumulation; DDP all-reduces on the last
+    only); returns the mean loss. Under fp16 the loss is scaled, and the scaler skips a step whose
+    gradients are not finite."""
+    c = run.config
+    run.opt.zero_grad(set_to_none=True)
+    total = 0.0
+    for i, (images, cond) in enumerate(micro):
+        x0 = to_model(images, run.device)
+        if run.meta["hflip"]:  # random horizontal flips, drawn from the CPU generator
+            flip = (torch.rand(len(x0)) < 0.5).to(run.device)
+            x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(3), x0)
+        with wrapped.no_sync() if ddp and i + 1 < len(micro) else nullcontext():
+            with autocast(run.dtype, run.device):
+                loss = p_losses(model, x0, cond.to(run.device), run.alphas_cumprod,
+                                1.0 if c["uncond"] else c["p_uncond"], c["loss"]) / len(micro)
+            run.scaler.scale(loss).backward()
+        total = total + loss.detach()
+    run.scaler.unscale_(run.opt)
+    if c["grad_clip"]:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), c["grad_clip"])
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    return total
+
+
+def log_record(losses, step, lr, seconds, run, ddp, world):
+    """The log line: mean loss of the steps since the last line over all ranks, lr, images/s. Under
+    fp16 a non-finite loss is a step the scaler skipped (counted); otherwise it stops the run."""
+    losses = torch.stack(losses)
+    ok = losses.isfinite()
+    sums = torch.stack([torch.where(ok, losses, 0).sum(), ok.sum(), (~ok).sum()]).float()
+    if ddp:
+        dist.all_reduce(sums)
+    if sums[2] and run.dtype != torch.float16:
+        sys.exit(f"error: the loss is not finite at step {step}; stopped, {run.ckpt} is kept")
+    n = len(losses) * run.config["batch_size"] * run.config["accum"] * world
+    rec = dict(step=step, loss=(sums[0] / sums[1].clamp(min=1)).item(), lr=lr,
+               img_per_s=n / seconds, elapsed=time.time() - run.t0)
+    if run.dtype == torch.float16:
+        rec["skipped"] = int(sums[2])
+    return rec
+
+
+def write_log(rec, run):
+    with open(os.path.join(run.config["out_dir"], "log.jsonl"), "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    for k, v in rec.items():
+        if run.writer and k not in ("step", "elapsed"):
+            run.writer.add_scalar(k, v, rec["step"])
+
+
+def save_run(run, step, periodic, ddp, world, master):
+    """ckpt.pt, best.pt when the EMA model's validation loss is the lowest yet, ckpt_<step>.pt when
+    periodic (the newest --keep). Every rank's random streams are gathered (a collective); weights
+    that are not finite are never written: the run stops and the previous files stay."""
+    rng = [rng_states(run.device)] * world
+    if ddp:
+        dist.all_gather_object(rng, rng[0])
+    if not all(p.isfinite().all() for m in (run.model, run.ema) for p in m.parameters()):
+        sys.exit(f"error: the weights are not finite at step {step}; stopped, {run.ckpt} is kept")
+    if not master:
+        return
+    out, keep, improved = run.config["out_dir"], run.config["keep"], False
+    if len(run.val_set):
+        val = eval_loss(run.ema, run.val_set, run.alphas_cumprod, run.config, run.dtype)
+        improved, run.best_val = val < run.best_val, min(val, run.best_val)
+        write_log(dict(step=step, val_loss=val), run)
+    state = dict(script=NAME, model=run.model.state_dict(), ema=run.ema.state_dict(),
+                 opt=run.opt.state_dict(), scaler=run.scaler.state_dict(), step=step, rng=rng,
+                 config=run.config, meta=run.meta, best_val=run.best_val, extras=run.state)
+    for name in ["ckpt.pt"] + ["best.pt"] * improved + [f"ckpt_{step}.pt"] * periodic:
+        save_checkpoint(os.path.join(out, name), state)
+    periodic = sorted(int(f[5:-3]) for f in os.listdir(out) if f[:5] + f[-3:] == "ckpt_.pt")
+    for s in periodic[:-keep] if keep else []:
+        os.remove(os.path.join(out, f"ckpt_{s}.pt"))
+
+
+def sample_grid(run, step, trace=None):
+    """samples_<step>.png: the EMA model on the rows of conditions(["all"]), --per-label each, from
+    fixed seeds, so that grids of different steps compare; `trace` keeps each row's first path."""
+    cond, drop, nrow = conditions(["all"], run.config["per_label"], run.meta, run.config)
+    callback = None if trace is None else tracer(trace, slice(None, None, nrow))
+    with autocast(run.dtype, run.device):
+        x = generate(run.ema, cond, drop, run.alphas_cumprod, run.shape, run.config["seed"],
+                     **sampling(run.config), columns=nrow, callback=callback)
+    save_grid(x, os.path.join(run.config["out_dir"], f"samples_{step}.png"), nrow)
+    if run.writer:
+        run.writer.add_image("samples", torchvision.utils.make_grid(x * 0.5 + 0.5, nrow=nrow), step)
+    return x
+
+
+def reconstruction(run, path, fracs=(0.25, 0.5, 0.75, 1.0)):
+    """reconstruction.png: up to 8 training images (rows), each noised to t = T/4, T/2, 3T/4, T-1
+    and restored by the EMA model with its own condition (w=1; columns x_t, restored). Returns the
+    mean squared error of the restored images per t."""
+    images, cond = run.train_set[torch.arange(min(8, len(run.train_set)))]
+    x0, T = to_model(images, run.device), len(run.alphas_cumprod)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).to(run.device)
+    drop = torch.full((len(x0),), run.config["uncond"])
+    cols, errors = [x0], {}
+    for t in [round(f * (T - 1)) for f in fracs]:
+        xt = q_sample(x0, torch.full((len(x0),), t, device=run.device), noise, run.alphas_cumprod)
+        with autocast(run.dtype, run.device):
+            x = generate(run.ema, cond, drop, run.alphas_cumprod, run.shape,
+                         **dict(sampling(run.config), w=1.0), x=xt, t_start=t)
+        cols += [xt.clamp(-1, 1), x]
+        errors[t] = round(F.mse_loss(x.float(), x0).item(), 4)
+    save_grid(torch.stack(cols, 1).flatten(0, 1), path, len(cols))
+    return errors
+
+
+def train(args, device, ddp, rank, world):
+    """Train with the command line's settings, saving as it goes; returns the run (for --fid)."""
+    run, master = build_run(args, device, rank, world), rank == 0
+    wrapped = run.model
+    if ddp:
+        wrapped = DDP(run.model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = torch.compile(wrapped) if args.compile else wrapped
+    lock_path = start_run(args, run, world) if master else None
+    try:
+        stream = loader(run.train_set, args.batch_size, args.seed, rank, world,
+                        run.step * args.accum, args.workers, device)
+        losses, run.t0, t_log = [], time.time(), time.time()
+        if master and "train" in EXTRAS:  # the source project's figures (last section)
+            EXTRAS["train"](run, run.step)
+        pbar = tqdm(range(run.step, run.total), initial=run.step, total=run.total,
+                    disable=not master)
+        for step in pbar:
+            # learning rate: linear warm-up, then constant or cosine decay (--lr-decay)
+            lr = get_lr(step, args.lr, args.warmup, run.total, args.lr_decay)
+            for group in run.opt.param_groups:
+                group["lr"] = lr
+
+            # forward, backward and update on --accum micro-batches, then the EMA (warmed up)
+            micro = [next(stream) for _ in range(args.accum)]
+            losses.append(train_step(model, wrapped, run, micro, ddp))
+            update_ema(run.ema, run.model, min(args.ema, (1 + step) / (10 + step)))
+            done = step + 1
+            last, periodic = done == run.total, args.save_every and done % args.save_every == 0
+            save = last or periodic or done % args.ckpt_every == 0
+
+            # logging, also before every save: a non-finite loss stops the run before it
+            if done % args.log_every == 0 or save:
+                rec = log_record(losses, done, lr, time.time() - t_log, run, ddp, world)
+                losses, t_log = [], time.time()
+                if master:
+                    write_log(rec, run)
+                    pbar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.1f}")
+
+            # checkpoint: ckpt.pt (atomically), best.pt, ckpt_<step>.pt every --save-every steps
+            if save:
+                run.step = done
+                save_run(run, done, periodic, ddp, world, master)
+
+            # sample grid of the EMA model (the last one's denoising paths), the extras' figures
+            if master and (done % args.sample_every == 0 or last):
+                trace = [] if last else None
+                sample_grid(run, done, trace)
+                if last:
+                    path_figure(trace, os.path.join(args.out_dir, "reverse.png"))
+                t_log = time.time()  # images/s counts training only
+            if master and "train" in EXTRAS:
+                EXTRAS["train"](run, done)
+        if master:
+            errors = reconstruction(run, os.path.join(args.out_dir, "reconstruction.png"))
+            print(f"done: step {run.total} in {time.time() - run.t0:.0f}s, loss {rec['loss']:.4f}, "
+                  f"reconstruction MSE by t {errors} -> {args.out_dir}")
+    finally:
+        if lock_path:
+            os.remove(lock_path)
+    return run
+
+
+# ----------------------------------------------------------------------------- entry points
+
+def load_run(path, device, dtype):
+    """A trained run from its checkpoint: the EMA model, built from the checkpoint's own config and
+    meta, with the run's noise schedule."""
     ck = load_checkpoint(path, device)
-    classes, cfg = ck["classes"], ck["config"]
-    model = build_model(cfg, len(classes), ck["context_dim"]).to(device).eval()
-    load_weights(model, ck["ema"], path)
-    alphas_cumprod = make_alphas_cumprod(cfg["schedule"], cfg["steps"], device)
-    labels = [lab for lab in parse_labels(args.labels, len(classes)) for _ in range(args.n)]
+    run = new_run(ck["config"], ck["meta"], device, dtype)
+    load_weights(run.ema, ck["ema"], path)
+    run.ckpt, run.step = path, ck["step"]
+    return run
+
+
+def sample_main(run, args):
+    """--sample: samples.png (--labels, --per-label of each, with the command line's settings but
+    the run's --uncond), reverse.png (the rows' denoising paths) and with --gif denoise.gif,
+    unless the source project's extras draw instead."""
+    config = dict(vars(args), uncond=run.config["uncond"])
+    cond, drop, nrow = conditions(args.labels, args.per_label, run.meta, config)
+    if "sample" in EXTRAS and EXTRAS["sample"](run, args):
+        return
     os.makedirs(args.out_dir, exist_ok=True)
-    with autocast(args, device):
-        if args.diagnostics:
-            images, image_labels, _ = get_data(argparse.Namespace(**cfg))  # the run's own training images
-            diagnostics(model, alphas_cumprod, images, image_labels, classes, args,
-                        os.path.join(args.out_dir, "diagnostics", f"step_{ck['step']}"))
-            print(f"wrote diagnostics (step {ck['step']}) to {args.out_dir}/diagnostics/step_{ck['step']}")
-        for schedule in args.schedules if args.sweep else []:  # the seed's inference_sweeps, DDIM on K steps
-            folder = os.path.join(args.out_dir, "sweeps", schedule)
-            os.makedirs(folder, exist_ok=True)
-            ab = make_alphas_cumprod(schedule, cfg["steps"], device)
-            for w, eta in [(w, eta) for w in args.cfg for eta in args.eta]:
-                x = generate(model, ab, labels, args, args.seed, w=w, eta=eta, sampler="ddim")
-                save_grid(x, os.path.join(folder, f"grid_{schedule}_cfg{w}_eta{eta}.png"), args.n)
-        if args.sample:
-            trace = []
-            x = generate(model, alphas_cumprod, labels, args, args.seed, trace)
-            save_grid(x, os.path.join(args.out_dir, "samples.png"), args.n)
-            if args.gif:
-                save_gif(trace, os.path.join(args.out_dir, "denoise.gif"), args.n)
-            print(f"wrote {len(x)} samples (step {ck['step']}) to {args.out_dir}/samples.png")
-    return model, alphas_cumprod, classes
+    trace = []
+    with autocast(run.dtype, run.device):
+        x = generate(run.ema, cond, drop, run.alphas_cumprod, run.shape, args.seed,
+                     **sampling(config), columns=nrow, callback=tracer(trace))
+    save_grid(x, os.path.join(args.out_dir, "samples.png"), nrow)
+    path_figure([x[::nrow] for x in trace], os.path.join(args.out_dir, "reverse.png"))
+    if args.gif:
+        save_gif(trace, os.path.join(args.out_dir, "denoise.gif"), nrow)
+    print(f"wrote {len(x)} samples of step {run.step} to {args.out_dir}/samples.png")
+
+
+def fid_reference(config, n):
+    """The real images --fid compares with (get_data's "fid" split), checked before any sampling."""
+    if not n:
+        return None
+    ref, meta = get_data(config, "fid")
+    if n > len(ref):
+        die(f"--fid {n}: the reference set ({meta['fid_ref']}) has only {len(ref)} images")
+    return ref, meta["fid_ref"]
+
+
+def run_fid(run, args, ref, rank, world, batch_size=250):
+    """fid.json: FID and Inception Score of --fid samples against as many reference images, each
+    sample conditioned as its reference image (each rank makes and measures its share, fid.evaluate
+    sums the statistics over the ranks); real_vs_fake.png to look at."""
+    import fid  # only here: the script runs without fid.py
+    data, name = ref
+    mine = torch.arange(rank, args.fid, world).split(batch_size)
+    drop = torch.full((batch_size,), run.config["uncond"])
+
+    def fake():
+        for i in mine:
+            with autocast(run.dtype, run.device):
+                x = generate(run.ema, data[i][1], drop[:len(i)], run.alphas_cumprod, run.shape,
+                             args.seed + 1 + int(i[0]), **sampling(vars(args)))
+            yield ((x.float() + 1) * 127.5).round().byte()  # uint8, as the PNGs papers measure
+    # the TF graph's preprocessing (fid.py's mode "tf"): FID comparable with the papers' numbers
+    cache = f"fid_stats_{name}_{run.shape[-1]}px_{args.fid}_tf.npz"
+    cache = os.path.join(run.config["data_dir"], cache)
+    try:
+        res = fid.evaluate(fake(), (data[i][0] for i in mine), sum(map(len, mine)), mode="tf",
+                           cache=None if name == "image-folder" else cache, inception_score=True,
+                           weights=args.fid_weights, device=run.device)
+    except (ValueError, RuntimeError, OSError) as e:
+        die(f"--fid: {str(e).splitlines()[0]}")
+    if rank == 0:
+        res = dict(fid_score=res["fid"], inception_score_mean=res["inception_score_mean"],
+                   inception_score_std=res["inception_score_std"], num_samples=res["n"],
+                   reference=name, mode=res["mode"], checkpoint=run.ckpt, step=run.step,
+                   **sampling(vars(args)))
+        with open(os.path.join(args.out_dir, "fid.json"), "w") as f:
+            json.dump(res, f, indent=2)
+        images, cond = data[torch.arange(10)]  # a look: ten real images above ten samples
+        with autocast(run.dtype, run.device):
+            x = generate(run.ema, cond, drop[:10], run.alphas_cumprod, run.shape, args.seed,
+                         **sampling(vars(args)))
+        save_grid(torch.cat([to_model(images, run.device), x]),
+                  os.path.join(args.out_dir, "real_vs_fake.png"), 10)
+        print(f"FID {res['fid_score']:.2f}, IS {res['inception_score_mean']:.2f} of {args.fid} "
+              f"samples against {name} -> {args.out_dir}/fid.json")
+
 
 def main(argv=None):
     args = get_args(argv)
-    device, ddp, rank, world = setup(args)
-    if args.sample or args.diagnostics or args.sweep:
-        model, alphas_cumprod, classes = sample_main(args, device)
-    else:
-        model, alphas_cumprod, classes = train(args, device, ddp, rank, world)
-    if args.fid:
-        run_fid(args, model, alphas_cumprod, classes, rank, world)
-    if ddp:
-        dist.destroy_process_group()
+    device, ddp, rank, world = setup(args.device)
+    try:
+        if args.sample:  # the checkpoint's run; only rank 0 writes samples
+            run = load_run(args.ckpt or os.path.join(args.out_dir, "ckpt.pt"), device,
+                           amp_dtype(args.dtype, device))
+            ref = fid_reference(dict(run.config, data_dir=args.data_dir), args.fid)
+            if rank == 0:
+                sample_main(run, args)
+        else:
+            ref = fid_reference(vars(args), args.fid)
+            run = train(args, device, ddp, rank, world)
+        if args.fid:
+            run_fid(run, args, ref, rank, world)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- seed 000's extras
+
+class NoTraining(argparse.Action):
+    """--diagnostics and --sweep: figures of --ckpt, so a run of --sample (no training)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, True)
+        namespace.sample = True
+
+
+def whole(text):
+    """argparse type of --diag-every: a whole number, 0 or more."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text}: must be a whole number >= 0")
+    return int(text)
+
+
+def embedding_map(x, names, path):
+    """embeddings.png: the conditioning vectors x in 2-D, each labelled: t-SNE when scikit-learn is
+    installed, else their two principal axes (PCA)."""
+    try:
+        from sklearn.manifold import TSNE
+        xy = TSNE(2, perplexity=min(5, len(x) - 1), init="pca", random_state=0).fit_transform(x)
+        xy, method = torch.as_tensor(xy).float(), "t-SNE"
+    except ImportError:
+        x = x - x.mean(0)
+        xy, method = x @ torch.linalg.svd(x, full_matrices=False)[2][:2].T, "PCA"
+    lo, hi = xy.min(0).values, xy.max(0).values
+    xy = (xy - lo) / (hi - lo).clamp(min=1e-8) * 330 + 35  # into the 480 x 400 picture
+    img = Image.new("RGB", (480, 400), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((8, 6), f"conditioning embeddings, {method}", fill="black")
+    for i, ((px, py), name) in enumerate(zip(xy.tolist(), names)):
+        colour = ImageColor.getrgb(f"hsl({i * 360 // len(names)},70%,45%)")
+        draw.ellipse([px - 5, py - 5, px + 5, py + 5], fill=colour)
+        draw.text((px + 8, py - 6), name, fill="black")
+    img.save(path)
+
+
+@torch.no_grad()
+def diagnostics(run, config, step):
+    """The seed's five checks in diagnostics/step_<step>/ with config's sampler: embeddings.png
+    (and the projector), collage.png (4 samples from noise), grid_cfg<W>.png, reconstruction.png
+    (an image noised to t = 10% ... 100% of T, restored below, w=1), reconstruction_sweep.png."""
+    out = os.path.join(config["out_dir"], "diagnostics", f"step_{step}")
+    os.makedirs(out, exist_ok=True)
+    names, table = run.meta["classes"] + ["uncond"], run.ema.table().detach().float().cpu()
+    embedding_map(table, names, os.path.join(out, "embeddings.png"))
+    if run.writer:  # the seed's label-embedding projector
+        run.writer.add_embedding(table, metadata=names, global_step=step, tag="conditioning")
+    ab, n = run.alphas_cumprod, len(run.meta["classes"])
+    collage = conditions([f"0,{n // 2},{n - 1},uncond"], 1, run.meta, run.config)[:2]
+    cond, drop, nrow = conditions(["all"], config["per_label"], run.meta, run.config)
+    images, labels = run.train_set[torch.arange(min(4, len(run.train_set)))]
+    x0, trace = to_model(images, run.device), []
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).to(run.device)
+    ts = [max(0, round(f * len(ab)) - 1) for f in (0.1, 0.25, 0.5, 0.75, 1.0)]
+    noisy = [q_sample(x0, torch.full((len(x0),), t, device=run.device), noise, ab) for t in ts]
+    kw = dict(alphas_cumprod=ab, shape=run.shape, seed=config["seed"], **sampling(config))
+    with autocast(run.dtype, run.device):
+        generate(run.ema, *collage, **kw, callback=tracer(trace))
+        grid = generate(run.ema, cond, drop, **kw, columns=nrow)
+        restored = [generate(run.ema, labels, torch.full((len(x0),), run.config["uncond"]),
+                             **dict(kw, w=1.0), x=x, t_start=t) for x, t in zip(noisy, ts)]
+    path_figure(trace, os.path.join(out, "collage.png"))
+    save_grid(grid, os.path.join(out, f"grid_cfg{config['cfg']}.png"), nrow)
+    pair = [x0[0], *[x[0] for x in noisy], x0[0], *[x[0] for x in restored]]
+    save_grid(torch.stack(pair), os.path.join(out, "reconstruction.png"), len(ts) + 1)
+    panel = torch.stack([x0, *restored], 1).flatten(0, 1)  # rows: an image, restored from each t
+    save_grid(panel, os.path.join(out, "reconstruction_sweep.png"), len(ts) + 1)
+
+
+def sweep(run, args):
+    """The seed's inference_sweeps: sweeps/<schedule>/grid_<schedule>_cfg<W>_eta<E>.png of --labels
+    by DDIM for every --schedules x --sweep-cfg x --sweep-eta (the checkpoint's network on each)."""
+    cond, drop, nrow = conditions(args.labels, args.per_label, run.meta, run.config)
+    for schedule in args.schedules:
+        folder = os.path.join(args.out_dir, "sweeps", schedule)
+        os.makedirs(folder, exist_ok=True)
+        ab = make_alphas_cumprod(schedule, len(run.alphas_cumprod), run.device)
+        for w in args.sweep_cfg:
+            for eta in args.sweep_eta:
+                with autocast(run.dtype, run.device):
+                    x = generate(run.ema, cond, drop, ab, run.shape, args.seed, "ddim",
+                                 args.sample_steps, eta, w, columns=nrow)
+                save_grid(x, os.path.join(folder, f"grid_{schedule}_cfg{w}_eta{eta}.png"), nrow)
+
+
+def diagnostics_every(run, step):
+    """Train hook: the five checks every --diag-every steps and after the last (0: never)."""
+    every = run.config["diag_every"]
+    if every and step and (step % every == 0 or step == run.total):
+        diagnostics(run, run.config, step)
+
+
+def diagnostics_and_sweep(run, args):
+    """Sample hook: --diagnostics (the seed's inference_full) and --sweep, not samples.png."""
+    if not (args.diagnostics or args.sweep):
+        return False
+    if min(args.sweep_cfg) < 0 or not all(0 <= eta <= 1 for eta in args.sweep_eta):
+        die("--sweep-cfg: every W must be >= 0, --sweep-eta: every eta in [0, 1]")
+    if args.diagnostics:  # the run's training images, without the table (no CLIP needed)
+        data = get_data(dict(run.config, data_dir=args.data_dir, cond="learned"))[0]
+        run.train_set = split_data(data, run.config["limit"], run.config["val_size"])[0]
+        diagnostics(run, vars(args), run.step)
+    if args.sweep:
+        sweep(run, args)
+    print(f"wrote the figures of step {run.step} to {args.out_dir}")
+    return True
+
+
+EXTRAS.update(
+    flags=[("--diag-every", dict(type=whole, default=5000, help="steps between diagnostics")),
+           ("--diagnostics", dict(action=NoTraining, help="no training: the figures of --ckpt")),
+           ("--sweep", dict(action=NoTraining, help="no training: --ckpt's DDIM grids for every "
+                                                   "schedule x W x eta below")),
+           ("--schedules", dict(nargs="+", default=["cosine"], help="noise schedules (--sweep)",
+                                choices=["linear", "cosine", "sigmoid"])),
+           ("--sweep-cfg", dict(type=float, nargs="+", default=[0.0, 1.5, 3.0, 6.0, 9.0],
+                                help="guidance scales W (--sweep)")),
+           ("--sweep-eta", dict(type=float, nargs="+", default=[0.0, 1.0], help="etas (--sweep)"))],
+    spellings={"--label": "--labels", "--checkpoint": "--ckpt", "--schedulers": "--schedules",
+               "--out": "--out-dir", "--guidance_scale": "--cfg", "--timesteps": "--steps",
+               "--overfit": "--limit"},
+    train=diagnostics_every, sample=diagnostics_and_sweep)
 
 
 if __name__ == "__main__":
