@@ -34,6 +34,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
 from tqdm import tqdm
 
+if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 5):  # GQA attention, amp API
+    sys.exit(f"error: torch {torch.__version__} is older than 2.5: pip install 'torch>=2.5'")
+
 # ----------------------------------------------------------------------------- config
 
 NAME = "cifar_dit_ddp"  # names the output folder; checkpoints record it
