@@ -7,6 +7,7 @@ own dense matmul peak. With --mnist-quality: what mnist_ddpm.py's command gives 
     python bench.py --channels-last off              # compare a speed option
     python bench.py --mnist-quality --data-dir DIR   # train, sample 1,000 digits, measure them
     python bench.py --mnist-quality --data-dir DIR --flags "--iters 3000"   # another setting
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python bench.py ...   # as without AVX-512
 
 Like nanoGPT's bench.py: every figure comes from a measurement in this run, and the table says on
 which CPU (model, vector extensions) or GPU it was taken.
@@ -74,6 +75,8 @@ def machine(device):
                                   if f in flags) + ")"
     except (OSError, StopIteration):  # not Linux: the platform's name only
         pass
+    if os.environ.get("ATEN_CPU_CAPABILITY"):  # kernels limited, e.g. to avx2 on an AVX-512 CPU
+        model += f", torch kernels limited to {os.environ['ATEN_CPU_CAPABILITY']}"
     return f"{model}, {torch.get_num_threads()} threads"
 
 

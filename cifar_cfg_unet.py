@@ -44,7 +44,8 @@ DEFAULTS = dict(  # this script's values of the flags whose defaults differ betw
     width=128, depth=2, dropout=0.1, steps=1000, schedule="cosine", p_uncond=0.1, iters=70000,
     batch_size=128, lr=2e-4, lr_decay="none", warmup=500, weight_decay=0.0, ema=0.9999,
     val_size=5000, workers=0, log_every=100, sample_every=5000, ckpt_every=1000, cfg=3.0,
-    per_label=10, sample_steps=50, eta=0.0)  # 70,000 steps: about 200 epochs of 351 steps
+    # 70,000 steps: about 200 epochs of 351 steps
+    per_label=10, sampler="ddim", sample_steps=50, eta=0.0)
 OWN_FLAGS = [  # this script's flags beyond the collection's: (flag, argparse keywords)
     ("--mults", dict(default="1,2,2,2", help="channel multipliers, a level each (seed: 1,2,4)")),
     ("--attn-res", dict(type=int, default=16, help="self-attention at this many pixels and less"))]
@@ -103,7 +104,7 @@ def get_args(argv=None):
     g.add_argument("--labels", nargs="+", default=["all"], help="what to sample (see conditions)")
     g.add_argument("--per-label", type=int, help="samples of each label with --sample (a row)")
     g.add_argument("--cfg", type=float, help="guidance W: e_u + W (e_c - e_u); 0 uncond, 1 cond")
-    g.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], default="ddim",
+    g.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"],
                    help="ancestral DDPM on all T steps, DDIM or DPM-Solver++(2M) on --sample-steps")
     g.add_argument("--sample-steps", type=int, help="steps K of ddim and dpmpp")
     g.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic, 1 ancestral")

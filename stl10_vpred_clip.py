@@ -46,7 +46,7 @@ DEFAULTS = dict(  # this script's values of the flags whose defaults differ betw
     width=64, depth=2, dropout=0.1, steps=500, schedule="cosine", p_uncond=0.2, iters=50000,
     batch_size=64, lr=2e-5, lr_decay="cosine", warmup=1000, weight_decay=0.01, ema=0.999,
     val_size=0, workers=0, log_every=50, sample_every=5000, ckpt_every=1000, cfg=6.0, per_label=8,
-    sample_steps=100, eta=1.0)
+    sampler="ddim", sample_steps=100, eta=1.0)
 OWN_FLAGS = [  # this script's flags beyond the collection's: (flag, argparse keywords)
     ("--cond", dict(choices=["clip", "learned"], default="clip",
                     help="frozen CLIP text embeddings of the class names, or learned embeddings")),
@@ -106,7 +106,7 @@ def get_args(argv=None):
     g.add_argument("--labels", nargs="+", default=["all"], help="what to sample (see conditions)")
     g.add_argument("--per-label", type=int, help="samples of each label with --sample (a row)")
     g.add_argument("--cfg", type=float, help="guidance W: e_u + W (e_c - e_u); 0 uncond, 1 cond")
-    g.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], default="ddim",
+    g.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"],
                    help="ancestral DDPM on all T steps, DDIM or DPM-Solver++(2M) on --sample-steps")
     g.add_argument("--sample-steps", type=int, help="steps K of ddim and dpmpp")
     g.add_argument("--eta", type=float, help="DDIM noise: 0 deterministic, 1 ancestral")

@@ -346,7 +346,8 @@ def test_fid_writes_fid_json(trained, tmp_path, monkeypatch):
     res = json.load(open(tmp_path / "fid.json"))
     assert res["num_samples"] == 10 and res["fid_score"] > 0 and res["inception_score_mean"] >= 1
     assert res["checkpoint"] == str(trained.ckpt) and res["step"] == 4 and res["reference"]
-    assert res["sampler"] == "ddim" and res["steps"] == 2 and "mode" in res
+    sampler = importlib.import_module(trained.script).DEFAULTS["sampler"]
+    assert res["sampler"] == sampler and res["steps"] == 2 and "mode" in res
     size = trained.s.size
     assert image_size(tmp_path / "real_vs_fake.png") == grid_size(10, 2, size)  # real row, fake row
 
@@ -740,6 +741,23 @@ def test_mnist_clip_guidance_steers_toward_the_prompt(data_dir, tmp_path, fake_o
                "--per-label", 3, "--sample-steps", 2, "--device", "cpu") == 0
     assert fake_open_clip == [("ViT-B-32", "openai")]  # the seed's CLIP
     assert image_size(os.path.join(out, "clip_two.png")) == grid_size(3, 2, 28)  # plain, steered
+
+
+def test_mnist_patch_unet_keeps_28_pixels_and_refuses_uneven_levels(data_dir, tmp_path, capsys):
+    """--patch p: the U-Net works on 28/p pixels of p*p channels and gives back 28x28; each level
+    must halve evenly, or the start is refused in one line."""
+    import mnist_ddpm as m
+    meta = dict(classes=list("0123456789"))
+    for patch, mults in ((1, "1,2,2"), (2, "1,2"), (4, "1")):
+        model = m.build_model(dict(width=16, depth=1, mults=mults, patch=patch, dropout=0.0), meta)
+        x = torch.randn(3, 1, 28, 28)
+        out = model(x, torch.tensor([0, 500, 999]), torch.tensor([1, 2, 3]), torch.zeros(3).bool())
+        assert out.shape == x.shape
+    unshuffle = m.UNet(16, 1, [1], 2).stem[0]
+    assert torch.equal(unshuffle(x)[0, :, 0, 0], x[0, 0, :2, :2].flatten())  # a 2x2 patch
+    train = [*base_args("mnist_ddpm", data_dir("mnist_ddpm")), "--out-dir", tmp_path, "--iters", 1]
+    for args in (["--patch", 3], ["--patch", 2, "--mults", "1,2,2"], ["--mults", "1,x"]):
+        assert f"{args[0]} {args[1]}" in assert_bad_input(capsys, "mnist_ddpm", *train, *args)
 
 
 # ----------------------------------------------------------------------------- cifar_cfg_unet.py
