@@ -1335,3 +1335,16 @@ def test_bench_runs_every_script_through_the_same_calls(tmp_path, capsys):
         assert r["img_per_s"] > 0 and r["gflop_per_img"] > 0 and r["sample_step_s"] > 0
         assert r["achieved_gflop_s"] == pytest.approx(r["gflop_per_img"] * r["img_per_s"])
     assert res["matmul_peak_gflop_s"] > 0 and "model name" not in res["machine"]
+
+
+def test_bench_mnist_quality_reads_the_grid_and_measures_distance(tmp_path):
+    """--mnist-quality's pieces: the samples come back from samples.png exactly as the script saved
+    them, and the Frechet distance of features is 0 for one set and grows with a shifted mean."""
+    import bench
+    import mnist_ddpm as m
+    x = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8)
+    m.save_grid(x.float() / 127.5 - 1, tmp_path / "g.png", 3)
+    assert torch.equal(bench.read_grid(tmp_path / "g.png", 2, 3), x)
+    f = torch.randn(500, 4, generator=torch.Generator().manual_seed(0)).double()
+    assert bench.frechet(f, f) == pytest.approx(0, abs=1e-9)
+    assert bench.frechet(f, f + 2) == pytest.approx(4 * 4, rel=1e-6)  # |mu1 - mu2|^2, same sigma
