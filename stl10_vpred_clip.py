@@ -82,6 +82,8 @@ def get_args(argv=None):
     g.add_argument("--p-uncond", type=float, help="probability of dropping the condition (CFG)")
     g.add_argument("--uncond", action="store_true", help="plain DDPM: the condition is never used")
     g.add_argument("--loss", choices=["mse", "l1"], default="mse", help="loss on the prediction")
+    g.add_argument("--min-snr", type=float, default=0.0,
+                   help="min-SNR-gamma loss weighting: min(snr, gamma) on the x0 error (0: off)")
     g = p.add_argument_group("training")
     g.add_argument("--iters", type=int, help="optimizer steps")
     g.add_argument("--epochs", type=int, default=0, help="passes over the data (0: --iters)")
@@ -159,6 +161,8 @@ def check_args(a):
               ("--ckpt-every", a.ckpt_every > 0, "> 0"), ("--cfg", a.cfg >= 0, ">= 0"),
               ("--save-every", a.save_every >= 0, ">= 0"), ("--per-label", a.per_label > 0, "> 0"),
               ("--sample-steps", a.sample_steps > 0, "> 0"), ("--eta", 0 <= a.eta <= 1, "in [0,1]"),
+              ("--min-snr", a.min_snr >= 0, ">= 0"),
+              ("--min-snr", not a.min_snr or a.loss == "mse", "0 with --loss l1 (it weighs MSE)"),
               ("--fid", a.fid == 0 or a.fid >= 10, "0 or >= 10 (IS splits the samples in 10)")]
     for flag, ok, rule in checks:
         if not ok:
@@ -498,17 +502,27 @@ def eps_from_pred(pred, x, abar):
     return abar.sqrt() * pred + (1 - abar).sqrt() * x
 
 
-def p_losses(model, x0, cond, alphas_cumprod, p_uncond, loss="mse", t=None, noise=None, drop=None):
+def p_losses(model, x0, cond, alphas_cumprod, p_uncond, loss="mse", min_snr=0.0, t=None,
+             noise=None, drop=None):
     """||loss_target - model(x_t, t, cond)||^2 (or L1), x_t = q_sample(x0, t, eps), the condition
-    dropped with probability p_uncond (CFG). t, eps and the drops are drawn from the CPU generator,
-    which --resume restores on any device, unless given."""
+    dropped with probability p_uncond (CFG), weighted by min-SNR-gamma if min_snr > 0. t, eps and
+    the drops are drawn from the CPU generator (which --resume restores on any device) unless given.
+    """
     B, device = x0.shape[0], x0.device
     t = torch.randint(0, len(alphas_cumprod), (B,)).to(device) if t is None else t
     noise = torch.randn(x0.shape).to(device) if noise is None else noise
     drop = (torch.rand(B) < p_uncond).to(device) if drop is None else drop
     pred = model(q_sample(x0, t, noise, alphas_cumprod), t, cond, drop).float()
-    target = loss_target(x0, noise, alphas_cumprod[t].view(-1, 1, 1, 1))
-    return F.mse_loss(pred, target) if loss == "mse" else F.l1_loss(pred, target)
+    abar = alphas_cumprod[t].view(-1, *[1] * (x0.dim() - 1))
+    target = loss_target(x0, noise, abar)
+    error = (pred - target).square() if loss == "mse" else (pred - target).abs()
+    if min_snr:  # min-SNR-gamma (Hang et al.): the implied x0 error weighted by min(snr, gamma).
+        # At fixed x_t an x0 error d is an eps error -sqrt(snr) d, so a target error k d with
+        # k = loss_target(1, -sqrt(snr)) (it is linear): k^2 = snr for eps, snr + 1 for v
+        snr = abar / (1 - abar)
+        k = loss_target(torch.ones_like(snr), -snr.sqrt(), abar)
+        error = error * snr.clamp(max=min_snr) / k.square()
+    return error.mean()
 
 
 @torch.no_grad()
@@ -523,8 +537,8 @@ def eval_loss(model, data, alphas_cumprod, config, dtype, batch_size=250):
         noise = torch.randn(x0.shape, generator=g).to(device)
         drop = torch.full((len(x0),), config["uncond"], device=device)
         with autocast(dtype, device):
-            loss = p_losses(model, x0, cond.to(device), alphas_cumprod, 0, config["loss"], t, noise,
-                            drop)
+            loss = p_losses(model, x0, cond.to(device), alphas_cumprod, 0, config["loss"],
+                            config["min_snr"], t, noise, drop)
         total += loss.item() * len(x0)
     return total / len(data)
 
@@ -893,7 +907,8 @@ def train_step(model, wrapped, run, micro, ddp):
         with wrapped.no_sync() if ddp and i + 1 < len(micro) else nullcontext():
             with autocast(run.dtype, run.device):
                 loss = p_losses(model, x0, cond.to(run.device), run.alphas_cumprod,
-                                1.0 if c["uncond"] else c["p_uncond"], c["loss"]) / len(micro)
+                                1.0 if c["uncond"] else c["p_uncond"], c["loss"],
+                                c["min_snr"]) / len(micro)
             run.scaler.scale(loss).backward()
         total = total + loss.detach()
     run.scaler.unscale_(run.opt)

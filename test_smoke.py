@@ -300,6 +300,7 @@ def test_bad_input_is_one_line(trained, capsys, tmp_path):
              ([*train, "--ckpt-every", 0], "--ckpt-every"), ([*train, "--depth", 0], "--depth"),
              ([*train, "--width", 12], "--width"), ([*train, "--val-size", -1], "--val-size"),
              ([*train, "--fid", 1], "--fid"), ([*train, "--dtype", "fp8"], "--dtype"),
+             ([*train, "--min-snr", 5, "--loss", "l1"], "--min-snr 5.0: must be 0 with --loss"),
              ([*sample, "--labels", trained.s.bad_label], "--labels"),
              (["--sample", "--ckpt", tmp_path / "x.pt"], "no checkpoint"),
              (["--sample", "--ckpt", tmp_path / "junk.pt"], "not a readable checkpoint"),
@@ -324,18 +325,35 @@ def test_bad_input_is_one_line(trained, capsys, tmp_path):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_torchrun_with_two_ranks(script, tmp_path):
-    """Two gloo processes: the global batch is printed once, rank 0 alone writes, each rank keeps
-    its own random stream in the checkpoint."""
-    folder, out = make_image_folder(str(tmp_path / "imgs")), str(tmp_path / "out")
-    r = torchrun(script, 2, "--image-folder", folder, "--out-dir", out, *TINY,
+    """Two gloo processes, 2 accumulated micro-batches a step: the global batch is printed once,
+    rank 0 alone writes, each rank keeps its own random stream in the checkpoint, and both ranks
+    end with the weights rank 0 saved."""
+    folder, out, ranks = make_image_folder(str(tmp_path / "imgs")), tmp_path / "out", tmp_path / "r"
+    (tmp_path / "ranks.py").write_text(textwrap.dedent(f"""\
+        import os, sys, torch
+        sys.path.insert(0, {HERE!r})
+        import {script} as m
+        train = m.train
+
+        def train_and_keep(*args):  # each rank keeps its weights
+            run = train(*args)
+            os.makedirs({str(ranks)!r}, exist_ok=True)
+            torch.save(run.model.state_dict(), os.path.join({str(ranks)!r}, os.environ["RANK"]))
+            return run
+        m.train = train_and_keep
+        m.main(sys.argv[1:])
+        """))
+    r = torchrun(str(tmp_path / "ranks"), 2, "--image-folder", folder, "--out-dir", out, *TINY,
                  *SCRIPTS[script].args, "--iters", 2, "--batch-size", 2, "--accum", 2,
                  "--sample-every", 100)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("global batch 8") == 1  # 2 images x 2 micro-batches x 2 ranks
-    ck = load(os.path.join(out, "ckpt.pt"))
+    ck = load(out / "ckpt.pt")
     assert ck["step"] == 2 and len(ck["rng"]) == 2
     assert not torch.equal(ck["rng"][0]["cpu"], ck["rng"][1]["cpu"])
     assert [r["step"] for r in read_log(out) if "loss" in r] == [1, 2]  # one writer
+    rank0 = load(ranks / "0")
+    assert same_weights(rank0, load(ranks / "1")) and same_weights(ck["model"], rank0)
 
 
 def test_fid_writes_fid_json(trained, tmp_path, monkeypatch):
@@ -508,6 +526,25 @@ def test_denoiser_guides_and_clips():
     for out in (m.ddim_sample(clipped, x, ab, m.ddim_timesteps(999, 25)),
                 m.dpmpp_sample(clipped, x, ab, m.dpmpp_timesteps(ab, 999, 25))):
         assert out.abs().max() <= 1 and abs(out.std().item() - 0.3) < 0.04
+
+
+@pytest.mark.parametrize("script", ["mnist_ddpm", "stl10_vpred_clip"])  # eps and v targets
+def test_min_snr_weights_the_x0_error(script):
+    """--min-snr gamma: whatever the network predicts, the loss is the mean of min(snr, gamma)
+    |x0 - x0_hat|^2, x0_hat the clean image its prediction implies (Hang et al. 2023)."""
+    m, g = importlib.import_module(script), torch.Generator().manual_seed(0)
+    ab = m.make_alphas_cumprod("cosine", 1000, "cpu")
+    x0, noise, pred = torch.randn((3, 64, 1, 2, 2), generator=g)
+    t = torch.arange(0, 1000, 1000 // 64)[:64]
+    abar, xt = ab[t].view(-1, 1, 1, 1), m.q_sample(x0, t, noise, ab)
+    x0_hat = (xt - (1 - abar).sqrt() * m.eps_from_pred(pred, xt, abar)) / abar.sqrt()
+    drop = torch.zeros(64, dtype=torch.bool)
+    for gamma in (1.0, 5.0):
+        loss = m.p_losses(lambda *a: pred, x0, None, ab, 0, "mse", gamma, t, noise, drop)
+        weight = (abar / (1 - abar)).clamp(max=gamma)
+        assert torch.allclose(loss, (weight * (x0 - x0_hat) ** 2).mean(), rtol=1e-4)
+    plain = m.p_losses(lambda *a: pred, x0, None, ab, 0, "mse", 0.0, t, noise, drop)
+    assert torch.allclose(plain, (pred - m.loss_target(x0, noise, abar)).square().mean())
 
 
 # -------------------------------------------------------------------- nothing lost, no traceback
@@ -882,32 +919,6 @@ def test_dit_seed_spellings_figures_and_best_checkpoint(data_dir, tmp_path, monk
                "--calculate-is", "--data-dir", data, "--out-dir", tmp_path, "--sample-steps", 2,
                "--device", "cpu") == 0
     assert json.load(open(tmp_path / "fid.json"))["num_samples"] == 10
-
-
-def test_dit_two_ranks_hold_equal_weights(tmp_path):
-    """torchrun, 2 ranks, 2 accumulated micro-batches a step: both ranks end with the weights rank
-    0 saved."""
-    folder, out, ranks = make_image_folder(str(tmp_path / "imgs")), tmp_path / "out", tmp_path / "r"
-    (tmp_path / "ranks.py").write_text(textwrap.dedent(f"""\
-        import os, sys, torch
-        sys.path.insert(0, {HERE!r})
-        import cifar_dit_ddp as m
-        train = m.train
-
-        def train_and_keep(*args):  # each rank keeps its weights
-            run = train(*args)
-            os.makedirs({str(ranks)!r}, exist_ok=True)
-            torch.save(run.model.state_dict(), os.path.join({str(ranks)!r}, os.environ["RANK"]))
-            return run
-        m.train = train_and_keep
-        m.main(sys.argv[1:])
-        """))
-    r = torchrun(str(tmp_path / "ranks"), 2, "--image-folder", folder, "--out-dir", out, *TINY,
-                 "--iters", 2, "--batch-size", 2, "--accum", 2, "--sample-every", 100)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rank0 = load(ranks / "0")
-    assert same_weights(rank0, load(ranks / "1"))
-    assert same_weights(load(out / "ckpt.pt")["model"], rank0)
 
 
 # ----------------------------------------------------------------------------- stl10_vpred_clip.py
