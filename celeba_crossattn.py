@@ -1261,7 +1261,9 @@ def main(argv=None):
         if args.sample:  # the checkpoint's run; only rank 0 writes samples
             run = load_run(args.ckpt or os.path.join(args.out_dir, "ckpt.pt"), device,
                            amp_dtype(args.dtype, device))
-            ref = fid_reference(dict(run.config, data_dir=args.data_dir), args.fid)
+            # the checkpoint's settings, and today's defaults for settings newer than it
+            config = {**vars(args), **run.config, "data_dir": args.data_dir}
+            ref = fid_reference(config, args.fid)
             if rank == 0:
                 sample_main(run, args)
         else:

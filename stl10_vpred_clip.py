@@ -50,7 +50,8 @@ DEFAULTS = dict(  # this script's values of the flags whose defaults differ betw
 OWN_FLAGS = [  # this script's flags beyond the collection's: (flag, argparse keywords)
     ("--cond", dict(choices=["clip", "learned"], default="clip",
                     help="frozen CLIP text embeddings of the class names, or learned embeddings")),
-    ("--text-emb", dict(help="your own [classes + 1, D] table: a .pt dict with 'emb' (no CLIP)"))]
+    ("--text-emb", dict(help="your own [classes + 1, D] table: a .pt dict with 'emb' (no CLIP)")),
+    ("--size", dict(type=int, default=96, help="image side in pixels, a multiple of 8 (STL-10: 96)"))]
 EXTRAS = {}  # the source project's extras register here (last section); the rest runs without them
 CLIP_CACHE = "clip_text_emb_stl10_vitb32.pt"  # in --data-dir (--out-dir for an --image-folder)
 
@@ -177,12 +178,15 @@ META = dict(classes=["airplane", "bird", "car", "cat", "deer", "dog", "horse", "
 
 
 def get_data(config, split="train"):
-    """(data set of (uint8 [3, 96, 96] image, label) pairs, meta): STL-10's labelled training split,
-    or for split="fid" the FID reference (its test split); or --image-folder resized to 96 (its own
+    """(data set of (uint8 [3, size, size] image, label) pairs, meta): STL-10's labelled training
+    split, or for split="fid" the FID reference (its test split); or --image-folder (its own
     reference). The training split's meta holds the conditioning table too (text_embeddings)."""
-    meta = dict(META)
+    size = config["size"]
+    if size < 8 or size % 8:
+        die(f"--size {size}: must be a multiple of 8 (the U-Net halves it three times)")
+    meta = dict(META, size=size)
     if config["image_folder"]:
-        images, labels, meta["classes"] = image_folder(config["image_folder"], 96, 3)
+        images, labels, meta["classes"] = image_folder(config["image_folder"], size, 3)
         data, meta["fid_ref"] = TensorDataset(images, labels), "image-folder"
     else:
         root = config["data_dir"]
@@ -190,7 +194,10 @@ def get_data(config, split="train"):
             root, "test" if split == "fid" else "train", download=True),
             f"put train_X.bin, train_y.bin, test_X.bin, test_y.bin, unlabeled_X.bin and "
             f"class_names.txt (from stl10_binary.tar.gz) in {root}/stl10_binary/")
-        data = TensorDataset(torch.from_numpy(ds.data), torch.as_tensor(ds.labels).long())
+        images = torch.from_numpy(ds.data)
+        if size != images.shape[-1]:
+            images = torchvision.transforms.functional.resize(images, [size, size], antialias=True)
+        data = TensorDataset(images, torch.as_tensor(ds.labels).long())
     if split == "train":
         meta.update(text_embeddings(config, meta["classes"]))
     return data, meta
@@ -396,9 +403,10 @@ class Block(nn.Module):
 
 
 class UNet(nn.Module):
-    """96 -> 48 -> 24 -> 12 U-Net of Blocks (self-attention at 24x24 and 12x12), skips concatenated.
-    The condition y picks a row of the conditioning table, a frozen buffer (CLIP's) or learned
-    embeddings; dropped rows take the last row, the null condition of CFG."""
+    """96 -> 48 -> 24 -> 12 U-Net of Blocks (at --size 96), self-attention on the last two levels
+    (24x24, 12x12), skips concatenated. The condition y picks a row of the conditioning table, a
+    frozen buffer (CLIP's) or learned embeddings; dropped rows take the last row, the null condition
+    of CFG."""
 
     def __init__(self, width, depth, n_classes, ctx_dim, frozen, dropout=0.0, channels=3,
                  mults=(1, 2, 2, 4)):
@@ -1157,7 +1165,9 @@ def main(argv=None):
         if args.sample:  # the checkpoint's run; only rank 0 writes samples
             run = load_run(args.ckpt or os.path.join(args.out_dir, "ckpt.pt"), device,
                            amp_dtype(args.dtype, device))
-            ref = fid_reference(dict(run.config, data_dir=args.data_dir), args.fid)
+            # the checkpoint's settings, and today's defaults for settings newer than it
+            config = {**vars(args), **run.config, "data_dir": args.data_dir}
+            ref = fid_reference(config, args.fid)
             if rank == 0:
                 sample_main(run, args)
         else:

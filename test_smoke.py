@@ -155,8 +155,9 @@ SCRIPTS = {
     "cifar_dit_ddp": SimpleNamespace(data=make_cifar, size=32, channels=3, rows=11,
                                      files=["best.pt", "sample_grid.png", "timestep_grid.png"],
                                      args=[], bad_label="cow"),
-    "stl10_vpred_clip": SimpleNamespace(data=make_stl10, size=96, channels=3, rows=11, files=[],
-                                        args=["--batch-size", "2", "--diag-every", "0"],
+    "stl10_vpred_clip": SimpleNamespace(data=make_stl10, size=32, channels=3, rows=11, files=[],
+                                        args=["--batch-size", "2", "--diag-every", "0",
+                                              "--size", "32"],
                                         bad_label="11"),
     "celeba_crossattn": SimpleNamespace(data=make_celeba, size=32, channels=3, rows=3, files=[],
                                         args=["--size", "32", "--workers", "0", "--toggle",
@@ -357,13 +358,20 @@ def test_torchrun_with_two_ranks(script, tmp_path):
 
 
 def test_fid_writes_fid_json(trained, tmp_path, monkeypatch):
-    real = fid.inception_v3
+    """--fid from a checkpoint written before --size and --min-snr existed: settings newer than
+    the checkpoint come from the command line."""
+    real, ckpt = fid.inception_v3, tmp_path / "older.pt"
     monkeypatch.setattr(fid, "inception_v3", lambda weights="download": real(None))  # offline
-    assert run(trained.script, "--sample", "--ckpt", trained.ckpt, "--out-dir", tmp_path,
-               "--fid", 10, "--data-dir", trained.data, "--sample-steps", 2, "--device", "cpu") == 0
+    ck = load(trained.ckpt)
+    for key in ("size", "min_snr"):
+        ck["config"].pop(key, None)
+    torch.save(ck, ckpt)
+    assert run(trained.script, "--sample", "--ckpt", ckpt, "--out-dir", tmp_path, "--fid", 10,
+               "--data-dir", trained.data, "--sample-steps", 2, "--device", "cpu",
+               *trained.s.args) == 0
     res = json.load(open(tmp_path / "fid.json"))
     assert res["num_samples"] == 10 and res["fid_score"] > 0 and res["inception_score_mean"] >= 1
-    assert res["checkpoint"] == str(trained.ckpt) and res["step"] == 4 and res["reference"]
+    assert res["checkpoint"] == str(ckpt) and res["step"] == 4 and res["reference"]
     sampler = importlib.import_module(trained.script).DEFAULTS["sampler"]
     assert res["sampler"] == sampler and res["steps"] == 2 and "mode" in res
     size = trained.s.size
@@ -932,6 +940,11 @@ def test_stl_loader_reads_stl10_binary(data_dir):
         assert torch.equal(ds.tensors[0], torch.from_numpy(x).permute(0, 3, 1, 2))  # not transposed
         assert ds.tensors[1].tolist() == y.tolist()
     assert meta["classes"] == STL_CLASSES and ref_meta["fid_ref"] == "stl10-test"
+    small, small_meta = m.get_data(dict(config, size=32), "fid")  # --size 32: resized, as a whole
+    assert small.tensors[0].shape == (20, 3, 32, 32) and small_meta["size"] == 32
+    assert abs(small.tensors[0].float().mean() - ref.tensors[0].float().mean()) < 1
+    with pytest.raises(SystemExit):
+        m.get_data(dict(config, size=36))
 
 
 def test_stl_v_prediction_through_the_samplers():
@@ -1009,7 +1022,7 @@ def test_stl_clip_table_computed_once_per_machine(tmp_path):
             return lambda ps: torch.tensor([[ord(c) % 64 for c in f"{{p:8}}"[:8]] for p in ps])
         """))
     args = ["--image-folder", folder, "--out-dir", out, *TINY, "--batch-size", 2, "--iters", 1,
-            "--diag-every", 0]
+            "--diag-every", 0, "--size", 32]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                         "--nproc_per_node=2", os.path.join(HERE, "stl10_vpred_clip.py"),
                         *map(str, args)], capture_output=True, text=True, timeout=300,
