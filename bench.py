@@ -155,7 +155,7 @@ def bench_script(name, bench, peak):
 
 
 class DigitClassifier(nn.Module):
-    """A small CNN (99.1 % on MNIST's test set after 3 epochs): conv-conv-pool-conv-pool, then a
+    """A small CNN (99.25 % on MNIST's test set after 4 epochs): conv-conv-pool-conv-pool, then a
     256-d feature layer, whose statistics the Frechet distance compares, and the 10 logits."""
 
     def __init__(self):
@@ -185,7 +185,7 @@ def classify(net, images):
 
 
 def digit_classifier(data_dir):
-    """The classifier, trained once (3 epochs of Adam, 2-3 CPU minutes) and kept in
+    """The classifier, trained once (4 epochs of Adam, 3-4 CPU minutes) and kept in
     out/mnist_classifier.pt (out of git), with its test accuracy."""
     path = os.path.join("out", "mnist_classifier.pt")
     net = DigitClassifier()
@@ -194,8 +194,9 @@ def digit_classifier(data_dir):
         net.load_state_dict(state["model"])
         return net.eval(), state["accuracy"]
     (x, y), g = mnist(data_dir, True), torch.Generator().manual_seed(0)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    for epoch in range(3):
+    opt = torch.optim.Adam(net.parameters())
+    for epoch in range(4):
+        opt.param_groups[0]["lr"] = 1e-3 / 3 ** epoch  # the last epochs settle: 99 % or more
         for idx in torch.randperm(len(x), generator=g).split(128):
             loss = F.cross_entropy(net(x[idx])[0], y[idx])
             opt.zero_grad()
@@ -229,6 +230,9 @@ def mnist_quality(bench):
     agreement with the intended digit, and the Frechet distance of its features of the 1,000
     samples to those of the 10,000 test images, beside that of 1,000 real training images."""
     net, accuracy = digit_classifier(bench.data_dir)
+    if accuracy < 0.99:  # the measure asks for a classifier of 99 % or more
+        print(f"warning: the digit classifier reaches {accuracy:.2%} on the test set, under 99 %; "
+              f"delete out/mnist_classifier.pt to train it again", file=sys.stderr)
     out = os.path.join("out", "mnist_quality")
     shutil.rmtree(out, ignore_errors=True)  # a fresh run
     script = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
