@@ -1309,9 +1309,11 @@ def test_fid_distributed_equals_one_process(fid_weights, tmp_path, monkeypatch):
     assert os.path.exists(f"{out}.0.npz") and not os.path.exists(f"{out}.1.npz")
     single = fid.evaluate(fid_images(12, 30), fid_images(12, 31), 12, inception_score=True,
                           weights=fid_weights)
-    assert single["fid"] == pytest.approx(ranks[0][0]["fid"], rel=1e-6)
+    # equal up to float32 rounding: the features' last bits vary with batch size, threads and the
+    # CPU's kernels (1.6e-6 apart with AVX2 kernels); a statistic summed wrongly is far off
+    assert single["fid"] == pytest.approx(ranks[0][0]["fid"], rel=1e-4)
     assert single["inception_score_mean"] == pytest.approx(ranks[0][0]["inception_score_mean"],
-                                                          rel=1e-6)
+                                                          rel=1e-4)
 
 
 def test_fid_command_line(fid_weights, tmp_path, capsys):
