@@ -51,7 +51,7 @@ OWN_FLAGS = [  # this script's flags beyond the collection's: (flag, argparse ke
     ("--cond", dict(choices=["clip", "learned"], default="clip",
                     help="frozen CLIP text embeddings of the class names, or learned embeddings")),
     ("--text-emb", dict(help="your own [classes + 1, D] table: a .pt dict with 'emb' (no CLIP)")),
-    ("--size", dict(type=int, default=96, help="image side in pixels, a multiple of 8 (STL-10: 96)"))]
+    ("--size", dict(type=int, default=96, help="image side in pixels, a multiple of 8"))]
 EXTRAS = {}  # the source project's extras register here (last section); the rest runs without them
 CLIP_CACHE = "clip_text_emb_stl10_vitb32.pt"  # in --data-dir (--out-dir for an --image-folder)
 
