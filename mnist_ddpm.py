@@ -41,10 +41,10 @@ NAME = "mnist_ddpm"  # names the output folder; checkpoints record it
 DEFAULTS = dict(  # this script's values of the flags whose defaults differ between the five scripts
     width=32, depth=1, dropout=0.0, steps=1000, schedule="cosine", p_uncond=0.1, min_snr=5.0,
     iters=2000, batch_size=32, lr=5e-3, lr_decay="cosine", warmup=100, weight_decay=0.0,
-    ema=0.999, val_size=0, workers=0, log_every=50, sample_every=1000, ckpt_every=500, cfg=1.75,
+    ema=0.999, val_size=0, workers=0, log_every=50, sample_every=1000, ckpt_every=500, cfg=1.7,
     per_label=10, sampler="dpmpp", sample_steps=10, eta=0.0)
-# Sized for a laptop CPU: 240 s of training and 27 s for 1,000 samples on 2 cores with AVX2 kernels,
-# whose digits a classifier recognises 98.5 % of the time (README, bench.py --mnist-quality). A GPU
+# Sized for a laptop CPU: 211 s of training and 25 s for 1,000 samples on 2 cores with AVX2 kernels,
+# whose digits a classifier recognises 98.1 % of the time (README, bench.py --mnist-quality). A GPU
 # affords the 28x28 U-Net: --patch 1 --mults 1,2,2 --depth 2 --batch-size 64 --iters 5000 --lr 3e-3
 # --min-snr 0 --cfg 1.9
 OWN_FLAGS = [  # this script's flags beyond the collection's: (flag, argparse keywords)
