@@ -46,6 +46,7 @@ DEFAULTS = dict(  # this script's values of the flags whose defaults differ betw
     batch_size=32, lr=2e-4, lr_decay="none", warmup=500, weight_decay=0.0, ema=0.9999, val_size=0,
     workers=4, log_every=50, sample_every=2000, ckpt_every=1000, cfg=2.0, per_label=8,
     sampler="ddim", sample_steps=50, eta=0.0)
+PRESETS = {}  # --preset NAME: other defaults (none in this script)
 OWN_FLAGS = [  # this script's flags beyond the collection's: (flag, argparse keywords)
     ("--dataset", dict(choices=["celeba", "cifar10", "mnist"], default="celeba",
                        help="CelebA's attributes, or the same model on CIFAR-10 / MNIST classes")),
@@ -135,6 +136,9 @@ def get_args(argv=None):
     argv = [spellings.get(a, a) for a in (sys.argv[1:] if argv is None else argv)]
     argv = [a for a in argv if a is not None]
     args = p.parse_args(argv)
+    if PRESETS.get(vars(args).get("preset")):  # a script's named set of defaults, under --config's
+        p.set_defaults(**PRESETS[args.preset])
+        args = p.parse_args(argv)
     if args.config:  # a new run with a saved run's settings: never its --resume or --sample
         try:
             with open(args.config) as f:

@@ -46,6 +46,7 @@ DEFAULTS = dict(  # this script's values of the flags whose defaults differ betw
     val_size=5000, workers=0, log_every=100, sample_every=5000, ckpt_every=1000, cfg=3.0,
     # 70,000 steps: about 200 epochs of 351 steps
     per_label=10, sampler="ddim", sample_steps=50, eta=0.0)
+PRESETS = {}  # --preset NAME: other defaults (none in this script)
 OWN_FLAGS = [  # this script's flags beyond the collection's: (flag, argparse keywords)
     ("--mults", dict(default="1,2,2,2", help="channel multipliers, a level each (seed: 1,2,4)")),
     ("--attn-res", dict(type=int, default=16, help="self-attention at this many pixels and less"))]
@@ -129,6 +130,9 @@ def get_args(argv=None):
     argv = [spellings.get(a, a) for a in (sys.argv[1:] if argv is None else argv)]
     argv = [a for a in argv if a is not None]
     args = p.parse_args(argv)
+    if PRESETS.get(vars(args).get("preset")):  # a script's named set of defaults, under --config's
+        p.set_defaults(**PRESETS[args.preset])
+        args = p.parse_args(argv)
     if args.config:  # a new run with a saved run's settings: never its --resume or --sample
         try:
             with open(args.config) as f:

@@ -44,10 +44,14 @@ DEFAULTS = dict(  # this script's values of the flags whose defaults differ betw
     ema=0.999, val_size=0, workers=0, log_every=50, sample_every=1000, ckpt_every=500, cfg=1.7,
     per_label=10, sampler="dpmpp", sample_steps=10, eta=0.0)
 # Sized for a laptop CPU: 211 s of training and 25 s for 1,000 samples on 2 cores with AVX2 kernels,
-# whose digits a classifier recognises 98.1 % of the time (README, bench.py --mnist-quality). A GPU
-# affords the 28x28 U-Net: --patch 1 --mults 1,2,2 --depth 2 --batch-size 64 --iters 5000 --lr 3e-3
-# --min-snr 0 --cfg 1.9
+# whose digits a classifier recognises 98.1 % of the time (README, bench.py --mnist-quality).
+PRESETS = dict(  # --preset NAME: other defaults (the command line and --config still win)
+    cpu={}, gpu=dict(patch=1, mults="1,2,2", depth=2, batch_size=64, iters=5000, lr=3e-3,
+                     min_snr=0.0, cfg=1.9))  # what a GPU affords: the 28x28 U-Net, longer
 OWN_FLAGS = [  # this script's flags beyond the collection's: (flag, argparse keywords)
+    ("--preset", dict(choices=sorted(PRESETS), default="cpu",
+                      help="cpu: the defaults, sized for a laptop; gpu: the 28x28 U-Net, "
+                           "5,000 steps of 64")),
     ("--mults", dict(default="1,2", help="channel multipliers, a level each")),
     ("--patch", dict(type=int, default=2, help="the U-Net sees p x p pixels as one (28/p pixels)"))]
 EXTRAS = {}  # the source project's extras register here (last section); the rest runs without them
@@ -129,6 +133,9 @@ def get_args(argv=None):
     argv = [spellings.get(a, a) for a in (sys.argv[1:] if argv is None else argv)]
     argv = [a for a in argv if a is not None]
     args = p.parse_args(argv)
+    if PRESETS.get(vars(args).get("preset")):  # a script's named set of defaults, under --config's
+        p.set_defaults(**PRESETS[args.preset])
+        args = p.parse_args(argv)
     if args.config:  # a new run with a saved run's settings: never its --resume or --sample
         try:
             with open(args.config) as f:

@@ -47,6 +47,7 @@ DEFAULTS = dict(  # this script's values of the flags whose defaults differ betw
     batch_size=64, lr=2e-5, lr_decay="cosine", warmup=1000, weight_decay=0.01, ema=0.999,
     val_size=0, workers=0, log_every=50, sample_every=5000, ckpt_every=1000, cfg=6.0, per_label=8,
     sampler="ddim", sample_steps=100, eta=1.0)
+PRESETS = {}  # --preset NAME: other defaults (none in this script)
 OWN_FLAGS = [  # this script's flags beyond the collection's: (flag, argparse keywords)
     ("--cond", dict(choices=["clip", "learned"], default="clip",
                     help="frozen CLIP text embeddings of the class names, or learned embeddings")),
@@ -132,6 +133,9 @@ def get_args(argv=None):
     argv = [spellings.get(a, a) for a in (sys.argv[1:] if argv is None else argv)]
     argv = [a for a in argv if a is not None]
     args = p.parse_args(argv)
+    if PRESETS.get(vars(args).get("preset")):  # a script's named set of defaults, under --config's
+        p.set_defaults(**PRESETS[args.preset])
+        args = p.parse_args(argv)
     if args.config:  # a new run with a saved run's settings: never its --resume or --sample
         try:
             with open(args.config) as f:

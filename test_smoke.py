@@ -805,6 +805,22 @@ def test_mnist_patch_unet_keeps_28_pixels_and_refuses_uneven_levels(data_dir, tm
         assert f"{args[0]} {args[1]}" in assert_bad_input(capsys, "mnist_ddpm", *train, *args)
 
 
+def test_mnist_gpu_preset_is_the_spelled_out_gpu_command(tmp_path, capsys):
+    """--preset gpu is the README's GPU command in one flag; the command line and a --config run
+    win over it; an unknown preset is a one-line error."""
+    import mnist_ddpm as m
+    spelled = ["--patch", "1", "--mults", "1,2,2", "--depth", "2", "--batch-size", "64", "--iters",
+               "5000", "--lr", "3e-3", "--min-snr", "0", "--cfg", "1.9"]
+    gpu = vars(m.get_args(["--preset", "gpu"]))
+    assert gpu == dict(vars(m.get_args(spelled)), preset="gpu")
+    assert m.get_args(["--preset", "gpu", "--iters", "7"]).iters == 7
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(dict(gpu, iters=9)))  # a gpu-preset run of 9 steps
+    again = vars(m.get_args(["--config", str(config)]))
+    assert (again["iters"], again["patch"], again["preset"]) == (9, 1, "gpu")
+    assert "--preset" in assert_bad_input(capsys, "mnist_ddpm", "--preset", "tpu")
+
+
 # ----------------------------------------------------------------------------- cifar_cfg_unet.py
 
 def test_cifar_loader_holds_out_a_fixed_sample(data_dir):
