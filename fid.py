@@ -266,9 +266,10 @@ def evaluate(fake, real, n, *, cache=None, inception_score=False, weights="downl
         mu2, sigma2, _ = statistics(real, model, n, batch_size, device, "FID real", mode=mode)
         if cache is not None and _rank() <= 0:
             os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
-            with open(cache + ".tmp", "wb") as fh:  # temporary file + os.replace: never broken
+            tmp = f"{cache}.{os.getpid()}.tmp"  # its own temporary file, then os.replace: never
+            with open(tmp, "wb") as fh:           # a broken cache, whoever else writes one
                 np.savez(fh, mu=mu2, sigma=sigma2, n=total, mode=mode)
-            os.replace(cache + ".tmp", cache)
+            os.replace(tmp, cache)
     else:
         mu2, sigma2 = found
     is_mean, is_std = _inception_score(logits) if inception_score else (None, None)

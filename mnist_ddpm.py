@@ -9,15 +9,17 @@
     torchrun --nproc_per_node=4 mnist_ddpm.py             # several GPUs, DistributedDataParallel
 
 Follows seed 004, "Diffusion Models: From Theory to Text-Guided Generation" (DDPM, class-conditional
-DDPM, CLIP-guided sampling), with the collection's shared command line (SPEC.md).
+DDPM, CLIP-guided sampling), with the collection's shared command line (README).
 """
 import argparse
 import copy
+import importlib.util
 import json
 import math
 import os
 import socket
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from types import SimpleNamespace
@@ -56,17 +58,24 @@ OWN_FLAGS = [  # this script's flags beyond the collection's: (flag, argparse ke
     ("--mults", dict(default="1,2", help="channel multipliers, a level each")),
     ("--patch", dict(type=int, default=2, help="the U-Net sees p x p pixels as one (28/p pixels)"))]
 EXTRAS = {}  # the source project's extras register here (last section); the rest runs without them
+# a run's own names, never carried over (KEEP_OUT); what --resume may change, not the run's math
+KEEP_OUT = ["out_dir", "resume", "sample", "ckpt", "config", "overwrite", "run_name"]
+RESUMABLE = ["iters", "epochs", "log_every", "sample_every", "ckpt_every", "save_every", "keep",
+             "workers", "device", "dtype", "compile", "tensorboard", "data_dir", "fid",
+             "fid_weights"]
 
 
 def die(msg):
-    """Bad input: one line on stderr, exit status 2."""
+    """Bad input: one line on stderr, exit status 2 (the exit carries the line: see begin)."""
     print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
+    stop = SystemExit(2)
+    stop.line = msg
+    raise stop
 
 
 def get_args(argv=None):
-    """SPEC's flags with this script's DEFAULTS, its OWN_FLAGS and its source project's spellings;
-    --config's settings become defaults that the command line overrides."""
+    """The collection's flags with this script's DEFAULTS, OWN_FLAGS and its source project's
+    spellings; a saved run's settings (--config, --resume) are defaults under the command line."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.error = die  # argparse's own errors in one line too
@@ -104,7 +113,9 @@ def get_args(argv=None):
     g.add_argument("--ckpt-every", type=int, help="steps between ckpt.pt saves")
     g.add_argument("--save-every", type=int, default=0, help="steps between kept ckpt_<step>.pt")
     g.add_argument("--keep", type=int, default=0, help="keep the newest K ckpt_<step>.pt (0: all)")
-    g.add_argument("--resume", action="store_true", help="continue from the run's ckpt.pt")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out-dir with its own settings (from its ckpt.pt); "
+                        "only these may change: --" + ", --".join(RESUMABLE).replace("_", "-"))
     g = p.add_argument_group("sampling")
     g.add_argument("--sample", action="store_true", help="no training: sample from --ckpt")
     g.add_argument("--ckpt", help="checkpoint to sample from (default: the run's ckpt.pt)")
@@ -126,6 +137,8 @@ def get_args(argv=None):
     g.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
     g.add_argument("--tensorboard", action="store_true", help="also log to <out-dir>/tb")
     g.add_argument("--config", help="a run's config.json: its settings become the defaults")
+    g.add_argument("--overwrite", action="store_true",
+                   help="a new run in an --out-dir that holds one (its files are replaced)")
     g = p.add_argument_group(f"{NAME} and its source project")
     for flag, kw in OWN_FLAGS + EXTRAS.get("flags", []):
         g.add_argument(flag, **kw)
@@ -137,23 +150,62 @@ def get_args(argv=None):
     if PRESETS.get(vars(args).get("preset")):  # a script's named set of defaults, under --config's
         p.set_defaults(**PRESETS[args.preset])
         args = p.parse_args(argv)
-    if args.config:  # a new run with a saved run's settings: never its --resume or --sample
-        try:
-            with open(args.config) as f:
-                config = dict(json.load(f), config=None, resume=False, sample=False)
-        except (OSError, ValueError, TypeError) as e:
-            die(f"--config {args.config}: not a readable config.json ({type(e).__name__})")
-        unknown = sorted(set(config) - set(vars(args)))
-        if unknown:
-            die(f"--config {args.config}: not a config of {NAME}.py (has {unknown[0]!r})")
-        p.set_defaults(**config)
-        args = p.parse_args(argv)
+    if args.config or args.resume:  # the settings of a saved run, under the command line's
+        args = saved_settings(p, argv, args)
     check_args(args)
     return args
 
 
+def saved_settings(p, argv, args):
+    """The command line over a saved run's settings: --config's (a new run like it) or --resume's
+    (the run itself: only RESUMABLE may change), never KEEP_OUT; unknown ones warned and dropped."""
+    flag, source = "--config", args.config or os.path.join(args.out_dir, "ckpt.pt")
+    if args.resume:
+        flag, saved = "--resume", load_checkpoint(source, "cpu")["config"]
+        saved = fill_in(saved, vars(args), source)
+    else:
+        try:
+            with open(source) as f:
+                saved = dict(json.load(f))
+        except (OSError, ValueError, TypeError) as e:
+            die(f"--config {source}: not a readable config.json ({type(e).__name__})")
+    actions = {a.dest: a for a in p._actions}
+    unknown = sorted(set(saved) - set(actions))
+    saved = {k: v for k, v in saved.items() if k in actions and k not in KEEP_OUT}
+    for k, v in saved.items():
+        if not fits(v, getattr(args, k), actions[k].choices):
+            die(f"{flag} {source}: {k} = {json.dumps(v)} is not a value of --{k.replace('_', '-')}")
+    if unknown:
+        print(f"warning: {flag} {source}: ignored, unknown: {', '.join(unknown)}", file=sys.stderr)
+    p.set_defaults(**saved)
+    new = p.parse_args(argv)
+    changed = [k for k in saved if k not in RESUMABLE and getattr(new, k) != saved[k]]
+    if args.resume and changed:
+        die(f"--resume: --{changed[0].replace('_', '-')} {getattr(new, changed[0])} is not the "
+            f"run's {saved[changed[0]]} (--help says what may change on --resume)")
+    return new
+
+
+def fits(value, today, choices):
+    """A saved value of today's type (an int for a float; any for None), among the choices."""
+    values = value if isinstance(value, list) else [value]
+    ok = today is None or type(value) is type(today) or (type(today), type(value)) == (float, int)
+    return value == today or ok and (not choices or all(v in choices for v in values))
+
+
+def fill_in(saved, today, source):
+    """A saved run's settings; today's for any it lacks (an older script's), said in one line."""
+    missing = sorted(set(today) - set(saved) - set(KEEP_OUT))
+    if missing:
+        print(f"note: {source} has no {', '.join(missing)}: today's values", file=sys.stderr)
+    return {**today, **saved}
+
+
 def check_args(a):
-    """The range of every number, in one table: the first one outside ends the run, in one line."""
+    """The range of every setting, in one table: the first one outside ends the run, in one line."""
+    abar_T = torch.prod(1 - make_betas(a.schedule, max(a.steps, 1))).item()  # x_T's signal^2
+    out = a.out_dir if os.path.isdir(a.out_dir) else None  # a link there: a write would follow it
+    links = [n for n in os.listdir(out) if os.path.islink(os.path.join(out, n))] if out else []
     checks = [("--steps", a.steps > 0, "> 0"), ("--iters", a.iters > 0, "> 0"),
               ("--epochs", a.epochs >= 0, ">= 0"), ("--batch-size", a.batch_size > 0, "> 0"),
               ("--accum", a.accum > 0, "> 0"), ("--lr", a.lr > 0, "> 0"),
@@ -169,10 +221,20 @@ def check_args(a):
               ("--sample-steps", a.sample_steps > 0, "> 0"), ("--eta", 0 <= a.eta <= 1, "in [0,1]"),
               ("--min-snr", a.min_snr >= 0, ">= 0"),
               ("--min-snr", not a.min_snr or a.loss == "mse", "0 with --loss l1 (it weighs MSE)"),
-              ("--fid", a.fid == 0 or a.fid >= 10, "0 or >= 10 (IS splits the samples in 10)")]
+              ("--fid", a.fid == 0 or a.fid >= 10, "0 or >= 10 (IS splits the samples in 10)"),
+              ("--steps", abar_T <= 0.01, f"enough for the {a.schedule} schedule to reach noise"),
+              ("--config", not (a.config and a.resume), "unset with --resume (it has its own)"),
+              ("--out-dir", not links, f"free of symbolic links (it has {links[:1]})"),
+              ("--tensorboard", not a.tensorboard or importlib.util.find_spec("tensorboard"),
+               "unset without the tensorboard package (pip install tensorboard)")]
     for flag, ok, rule in checks:
         if not ok:
             die(f"{flag} {getattr(a, flag[2:].replace('-', '_'))}: must be {rule}")
+    for k, v in vars(a).items():
+        try:
+            json.dumps(v, allow_nan=False)  # no flag takes inf or nan (nor does config.json)
+        except ValueError:
+            die(f"--{k.replace('_', '-')} {v}: must be finite")
 
 
 # ----------------------------------------------------------------------------- data
@@ -200,26 +262,48 @@ def conditions(labels, per_label, meta, config):
 
 
 def image_folder(path, size, channels):
-    """uint8 [N, C, size, size] images (resized, centre-cropped), labels and class names of an
-    ImageFolder tree, in a fixed random order (so that --limit and the held-out images see every
-    class). An unreadable image stops the start, naming the file."""
+    """uint8 [N, C, size, size] images (resized, centre-cropped), labels, classes of an ImageFolder
+    tree in a fixed random order (--limit and the held-out images see every class); hidden files
+    and folders (.ipynb_checkpoints, ._x.png) skipped with a note."""
     if not os.path.isdir(path):
         die(f"--image-folder {path}: not a folder")
+    classes = sorted(e.name for e in os.scandir(path) if e.is_dir() and e.name[0] != ".")
+    files, hidden = [], sum(e.name[0] == "." for e in os.scandir(path))
+    for c, name in enumerate(classes):
+        for root, _, names in sorted(os.walk(os.path.join(path, name), followlinks=True)):
+            for n in sorted(names):
+                f = os.path.join(root, n)
+                if any(part[0] == "." for part in os.path.relpath(f, path).split(os.sep)):
+                    hidden += 1
+                elif n.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS):
+                    files.append((f, c))
+    empty = sorted(set(classes) - {classes[c] for _, c in files})
+    if not classes or empty:
+        die(f"--image-folder {path}: no images in {empty or 'class folders'}")
+    if hidden and int(os.environ.get("RANK", 0)) == 0:
+        print(f"note: --image-folder: {hidden} hidden files and folders skipped (names with '.')")
     tf = torchvision.transforms
     resize = tf.Compose([tf.Resize(size), tf.CenterCrop(size), tf.PILToTensor()])
+    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(0)).tolist()
+    images = [resize(picture(files[i][0], channels)) for i in
+              tqdm(order, desc="reading images", leave=False, disable=None)]  # None: a terminal
+    return torch.stack(images), torch.tensor([files[i][1] for i in order]), classes
+
+
+def picture(path, channels):
+    """An image file as the 8-bit L or RGB picture it shows: 16- and 32-bit grey scaled (not
+    clipped), transparency over white, an animation's first frame; or one line naming the file."""
     try:
-        ds = torchvision.datasets.ImageFolder(path)
-    except (FileNotFoundError, RuntimeError) as e:
-        die(f"--image-folder {path}: {e}".splitlines()[0])
-    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0)).tolist()
-    images = []
-    for i in tqdm(order, desc="reading images", leave=False, disable=None):  # None: on a terminal
-        try:
-            with Image.open(ds.samples[i][0]) as im:
-                images.append(resize(im.convert("L" if channels == 1 else "RGB")))
-        except OSError as e:
-            die(f"--image-folder: {ds.samples[i][0]} is not a readable image ({e})")
-    return torch.stack(images), torch.tensor(ds.targets)[order], ds.classes
+        with Image.open(path) as im:
+            if im.mode == "F":
+                raise ValueError("floating-point pixels; save it with 8 or 16 bits")
+            if im.mode.startswith("I"):  # 16-bit PNG, TIFF: 0..65535
+                im = im.convert("I").point(lambda v: v * (1 / 257))
+            if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+                im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
+            return im.convert("L" if channels == 1 else "RGB")
+    except Exception as e:  # whatever Pillow raises for a file it cannot show (OSError, bomb ...)
+        die(f"--image-folder: {path} is not a readable image ({type(e).__name__}: {e})")
 
 
 def download_once(fetch, where):
@@ -231,21 +315,20 @@ def download_once(fetch, where):
         ds = fetch()
     except Exception as e:  # no network, or broken files: say which files go where
         die(f"could not read or download the data set ({type(e).__name__}); {where}")
-    if dist.is_initialized() and not wait:
-        dist.barrier()
+    finally:  # the others go on also when this process failed (and stop too, see begin)
+        if dist.is_initialized() and not wait:
+            dist.barrier()
     return ds
 
 
 def split_data(data, limit, val_size):
-    """(train, val): the last val_size images (at most a tenth) held out, the same in every run;
-    train: the first --limit of the others (0: all)."""
+    """(train, val): the last val_size images (at most a tenth) held out, the --limit first."""
     n = len(data) - min(val_size, len(data) // 10)
     return Subset(data, torch.arange(min(limit or n, n))), Subset(data, torch.arange(n, len(data)))
 
 
 def batches(n, batch_size, seed, rank, world, start):
-    """Index batches forever, epoch after epoch, each rank its share; the same seed and start give
-    the same batches, so --resume continues mid-epoch."""
+    """Index batches forever, each rank its share; a seed and start give the same (--resume)."""
     sampler = DistributedSampler(range(n), world, rank, shuffle=True, seed=seed, drop_last=True)
     per_epoch = len(sampler) // batch_size
     epoch, skip = divmod(start, per_epoch)
@@ -258,8 +341,7 @@ def batches(n, batch_size, seed, rank, world, start):
 
 
 def loader(data, batch_size, seed, rank, world, start, workers, device):
-    """(uint8 images, conditions) batches from batch `start` on, fetched by `workers` processes; its
-    own generator leaves the global random stream alone (exact --resume)."""
+    """(uint8 images, conditions) batches from `start` on; its own generator (exact --resume)."""
     if len(data) // world < batch_size:
         die(f"--batch-size {batch_size} is larger than the data set ({len(data) // world} images "
             f"per device)")
@@ -428,9 +510,8 @@ def eps_from_pred(pred, x, abar):
 def p_losses(model, x0, cond, alphas_cumprod, p_uncond, loss="mse", min_snr=0.0, t=None,
              noise=None, drop=None):
     """||loss_target - model(x_t, t, cond)||^2 (or L1), x_t = q_sample(x0, t, eps), the condition
-    dropped with probability p_uncond (CFG), weighted by min-SNR-gamma if min_snr > 0. t, eps and
-    the drops are drawn from the CPU generator (which --resume restores on any device) unless given.
-    """
+    dropped with probability p_uncond (CFG), min-SNR-gamma weighted if min_snr > 0; t, eps and the
+    drops from the CPU generator (which --resume restores on any device) unless given."""
     B, device = x0.shape[0], x0.device
     t = torch.randint(0, len(alphas_cumprod), (B,)).to(device) if t is None else t
     noise = torch.randn(x0.shape).to(device) if noise is None else noise
@@ -469,9 +550,8 @@ def eval_loss(model, data, alphas_cumprod, config, dtype, batch_size=250):
 # ----------------------------------------------------------------------------- sampling
 
 def cfg_denoiser(model, cond, drop, w):
-    """The prediction with classifier-free guidance, pred = pred_u + w * (pred_c - pred_u) (SPEC:
-    w=0 unconditional, w=1 conditional), both halves in one doubled batch; rows with drop stay
-    unconditional."""
+    """Guided prediction pred_u + w * (pred_c - pred_u) (w=0 unconditional, w=1 conditional), both
+    halves in one doubled batch; rows with drop stay unconditional."""
     if w in (0, 1) or drop.all():  # one half is enough
         d = torch.ones_like(drop) if w == 0 else drop
         return lambda x, t: model(x, t, cond, d).float()
@@ -511,9 +591,8 @@ def dpmpp_timesteps(alphas_cumprod, t_start, steps):
 
 
 def ddim_sample(eps_fn, x, alphas_cumprod, timesteps, eta=0.0, generator=None, callback=None):
-    """DDIM (Song et al.) from x at timesteps[0] down the timesteps to the clean image; eta=1 on
-    every timestep is DDPM's ancestral sampler (variance beta_tilde). callback(x, t) returns each
-    step's result: recorded, or changed (steering)."""
+    """DDIM (Song et al.) from x at timesteps[0] down to the clean image; eta=1 on every timestep is
+    DDPM's ancestral sampler. callback(x, t) returns each step's x: recorded, or steered."""
     for i, t in enumerate(tqdm(timesteps, "sampling", leave=False, disable=len(timesteps) < 50)):
         abar = alphas_cumprod[t]
         abar_prev = alphas_cumprod[timesteps[i + 1]] if i + 1 < len(timesteps) else abar ** 0
@@ -553,10 +632,9 @@ def dpmpp_sample(eps_fn, x, alphas_cumprod, timesteps, callback=None):
 @torch.no_grad()  # not inference_mode: a steering callback may take gradients
 def generate(model, cond, drop, alphas_cumprod, shape, seed=0, sampler="ddim", steps=50, eta=0.0,
              w=1.0, x=None, t_start=None, columns=None, callback=None):
-    """Images in [-1, 1] for the rows of cond (rows with drop: unconditional) from fixed seeds: from
-    pure noise (with `columns`, a grid of that width whose rows start from the same noise, so that
-    they differ by their condition only), or from x at t_start (a reconstruction: its share of the
-    steps). ddpm walks every timestep (DDIM, eta=1); ddim and dpmpp take `steps`."""
+    """Images in [-1, 1] for the rows of cond (drop: unconditional) from fixed seeds: from noise
+    (`columns`: a grid whose rows share their noise, so they differ by condition only), or from x
+    at t_start (a reconstruction). ddpm walks every timestep; ddim and dpmpp take `steps`."""
     T, g = len(alphas_cumprod), torch.Generator().manual_seed(seed)
     if x is None:
         x, t_start = torch.randn((columns or len(cond), *shape), generator=g), T - 1
@@ -588,9 +666,8 @@ def tracer(trace, rows=slice(None)):
 
 
 def label_conds(labels, per_label, meta, uncond):
-    """(labels, drop, row length) for --labels: class names or indices, 'uncond' or the index
-    len(classes) (the null class), or 'all' (every class, then uncond); per_label of each, a row
-    each. An unconditional model has only the unconditional row."""
+    """(labels, drop, row length) for --labels: class names or indices, 'uncond' (index
+    len(classes)), or 'all' (every class, then uncond), per_label of each; uncond models: uncond."""
     classes = meta["classes"]
     words = [w.strip() for text in labels for w in text.split(",") if w.strip()]
     if uncond or words == ["all"]:
@@ -641,16 +718,25 @@ def update_ema(ema, model, decay):
 
 
 def save_checkpoint(path, state):
-    """A temporary file in the same folder, then renamed over `path`: a crash or a full disk never
-    leaves a broken file, and the previous one stays until the new one is whole."""
+    """A temporary file of its own, flushed to the disk, renamed over `path` (the folder flushed): a
+    crash, a power cut or a full disk never leaves a broken file, nor loses the previous one."""
+    folder, tmp = os.path.dirname(path) or ".", None
     try:
-        torch.save(state, f"{path}.tmp")
+        fd, tmp = tempfile.mkstemp(".tmp", os.path.basename(path) + ".", folder)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if hasattr(os, "O_DIRECTORY"):  # POSIX: the folder's entry too
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+            os.fsync(fd)
+            os.close(fd)
     except (OSError, RuntimeError) as e:  # a full disk: RuntimeError "... unexpected pos ..."
-        if os.path.exists(f"{path}.tmp"):
-            os.remove(f"{path}.tmp")
+        if tmp and os.path.exists(tmp):
+            os.remove(tmp)
         reason = str(e).splitlines()[0] if isinstance(e, OSError) else "no space left on the device"
         sys.exit(f"error: {reason} while writing {path}; the previous one is kept")
-    os.replace(f"{path}.tmp", path)
 
 
 def load_checkpoint(path, device):
@@ -711,32 +797,42 @@ def rng_states(device):
     return states
 
 
-def lock(out_dir):
-    """Claim --out-dir for this run: a second run on it stops with one line; the lock of a process
-    that died on this machine (kill -9, a power cut) is taken over."""
+def lock(out_dir, new):
+    """Claim --out-dir with an OS lock on out_dir/lock, freed when the process ends however it ends:
+    a second run, or a new one (`new`) where a run's files are, stops in one line."""
     path = os.path.join(out_dir, "lock")
     try:
         os.makedirs(out_dir, exist_ok=True)
-        if os.path.exists(path):
-            host, pid = (open(path).read().split() + ["?", "0"])[:2]
-            if host != socket.gethostname() or pid_alive(int(pid)):
-                die(f"--out-dir {out_dir}: in use by process {pid} on {host} (if no run is "
-                    f"using it, delete {path})")
-        with open(path, "w") as f:
-            f.write(f"{socket.gethostname()} {os.getpid()}\n")
+        f = open(path, "a+")
+        try:  # exclusive, without waiting, on the file still at `path` (not one unlock removed)
+            if os.name == "nt":  # Windows
+                import msvcrt
+                f.seek(0)
+                msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
+                raise FileNotFoundError(path)
+        except OSError:
+            die(f"--out-dir {out_dir}: in use by another run (its process is named in {path})")
+        f.truncate(0)
+        print(socket.gethostname(), os.getpid(), file=f, flush=True)  # who holds it, for people
     except OSError as e:
         die(f"--out-dir {out_dir}: cannot write there ({e.strerror})")
-    return path
+    held = [n for n in ("ckpt.pt", "log.jsonl", "config.json") if os.path.exists(f"{out_dir}/{n}")]
+    if new and held:
+        unlock(f)
+        die(f"--out-dir {out_dir} holds a run ({held[0]}): --resume continues it, --overwrite "
+            f"replaces it, or choose another --out-dir")
+    return f
 
 
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)  # signal 0 only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, another user's
-        pass
-    return True
+def unlock(f):
+    """Remove the lock file, then close it, which frees the OS lock (Windows: close it only)."""
+    if os.name != "nt":
+        os.remove(f.name)
+    f.close()
 
 
 # ----------------------------------------------------------------------------- training
@@ -752,9 +848,8 @@ def new_run(config, meta, device, dtype):
 
 
 def build_run(args, device, rank, world):
-    """A run from the command line: data (training and held out), model, EMA, optimizer, loss
-    scaler, and with --resume the checkpoint's state. Nothing is written: a failed start changes
-    nothing."""
+    """A run from the command line: data, model, EMA, optimizer, loss scaler, with --resume the
+    checkpoint's state. Nothing is written: a failed start changes nothing."""
     torch.manual_seed(args.seed + rank)  # each rank its own noise, timesteps, drops and flips
     data, meta = get_data(vars(args))
     run = new_run(vars(args), meta, device, amp_dtype(args.dtype, device))
@@ -765,26 +860,53 @@ def build_run(args, device, rank, world):
     run.per_epoch = len(run.train_set) // (args.batch_size * args.accum * world)
     run.total = args.epochs * max(run.per_epoch, 1) if args.epochs else args.iters
     run.ckpt, run.best_val, run.state = os.path.join(args.out_dir, "ckpt.pt"), math.inf, {}
+    run.periodic = []  # the steps of this run's ckpt_<step>.pt files (--keep removes only those)
     if args.resume:  # weights, EMA, optimizer, scaler, step, the extras' state, random streams
         ck = load_checkpoint(run.ckpt, device)
+        if len(ck["rng"]) != world:
+            die(f"--resume: {run.ckpt} was trained by {len(ck['rng'])} processes, not {world}")
         load_weights(run.model, ck["model"], run.ckpt)
         load_weights(run.ema, ck["ema"], run.ckpt)
         run.opt.load_state_dict(ck["opt"])
-        run.scaler.load_state_dict(ck["scaler"])
-        rng = ck["rng"][rank if len(ck["rng"]) == world else 0]
-        torch.set_rng_state(rng["cpu"].cpu())
-        if "cuda" in rng and device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
+        if ck["scaler"]:  # empty when trained without fp16: a fresh scaler starts
+            run.scaler.load_state_dict(ck["scaler"])
+        torch.set_rng_state(ck["rng"][rank]["cpu"].cpu())
+        if "cuda" in ck["rng"][rank] and device.type == "cuda":
+            torch.cuda.set_rng_state(ck["rng"][rank]["cuda"].cpu(), device)
         run.step, run.best_val, run.state = ck["step"], ck["best_val"], ck["extras"]
+        run.periodic = ck.get("periodic", [])
     if run.step >= run.total:
         die(f"--resume: {run.ckpt} is at step {run.step} already (raise --iters or --epochs)")
     return run
 
 
+def begin(args, device, ddp, rank, world):
+    """Every rank's run and batch stream, then --out-dir locked by rank 0. A rank that cannot start
+    (data, a bad checkpoint, the lock) stops every rank with its line, none left in a collective."""
+    run, held, failure = None, None, None
+    try:
+        run = build_run(args, device, rank, world)
+        run.stream = loader(run.train_set, args.batch_size, args.seed, rank, world,
+                            run.step * args.accum, args.workers, device)
+        held = lock(args.out_dir, not (args.resume or args.overwrite)) if rank == 0 else None
+    except SystemExit as e:
+        failure = e
+    lines = [getattr(failure, "line", failure and f"rank {rank} stopped")] * world
+    if ddp:
+        dist.all_gather_object(lines, lines[0])
+    if held and any(lines):
+        unlock(held)
+    if failure:
+        raise failure
+    if any(lines):
+        die(next(line for line in lines if line))
+    run.lock_file = held
+    return run
+
+
 def start_run(args, run, world):
-    """Rank 0, once the run can start: the lock, config.json, log.jsonl cut back to the resumed step
-    (after a crash the steps since the last checkpoint are trained again), TensorBoard."""
-    lock_path = lock(args.out_dir)
+    """Rank 0, once every rank can start: config.json, log.jsonl cut back to the resumed step (a
+    crash trains the steps since the last checkpoint again), an --overwrite's old best.pt gone."""
     with open(os.path.join(args.out_dir, "config.json"), "w") as f:
         json.dump(run.config, f, indent=2)
     log = os.path.join(args.out_dir, "log.jsonl")
@@ -793,17 +915,15 @@ def start_run(args, run, world):
             lines = [line for line in f if line.endswith("\n")]  # a kill -9 may cut the last one
         with open(log, "w") as f:
             f.writelines(line for line in lines if json.loads(line)["step"] <= run.step)
+    if not args.resume and os.path.exists(f"{args.out_dir}/best.pt"):  # --overwrite: not this run's
+        os.remove(f"{args.out_dir}/best.pt")
     if args.tensorboard:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            die("--tensorboard needs the tensorboard package: pip install tensorboard")
+        from torch.utils.tensorboard import SummaryWriter
         run.writer = SummaryWriter(os.path.join(args.out_dir, "tb"))
     print(f"{sum(p.numel() for p in run.model.parameters()) / 1e6:.2f}M parameters, "
           f"{len(run.train_set)} images + {len(run.val_set)} held out, global batch "
           f"{args.batch_size * args.accum * world}, {run.per_epoch} steps per epoch, "
           f"{run.device}, autocast {run.dtype}")
-    return lock_path
 
 
 def get_lr(step, lr, warmup, total, decay):
@@ -816,9 +936,8 @@ def get_lr(step, lr, warmup, total, decay):
 
 
 def train_step(model, wrapped, run, micro, ddp):
-    """One optimizer step on the micro-batches (gradient accumulation; DDP all-reduces on the last
-    only); returns the mean loss. Under fp16 the loss is scaled, and the scaler skips a step whose
-    gradients are not finite."""
+    """One optimizer step on the micro-batches (DDP all-reduces on the last only); the mean loss.
+    Under fp16 the loss is scaled and the scaler skips a step whose gradients are not finite."""
     c = run.config
     run.opt.zero_grad(set_to_none=True)
     total = 0.0
@@ -869,9 +988,8 @@ def write_log(rec, run):
 
 
 def save_run(run, step, periodic, ddp, world, master):
-    """ckpt.pt, best.pt when the EMA model's validation loss is the lowest yet, ckpt_<step>.pt when
-    periodic (the newest --keep). Every rank's random streams are gathered (a collective); weights
-    that are not finite are never written: the run stops and the previous files stay."""
+    """ckpt.pt, best.pt at the EMA model's lowest validation loss, periodic ckpt_<step>.pt (newest
+    --keep); every rank's random streams gathered; non-finite weights never saved: the run stops."""
     rng = [rng_states(run.device)] * world
     if ddp:
         dist.all_gather_object(rng, rng[0])
@@ -884,13 +1002,16 @@ def save_run(run, step, periodic, ddp, world, master):
         val = eval_loss(run.ema, run.val_set, run.alphas_cumprod, run.config, run.dtype)
         improved, run.best_val = val < run.best_val, min(val, run.best_val)
         write_log(dict(step=step, val_loss=val), run)
+    run.periodic = run.periodic + [step] * bool(periodic)
+    drop = run.periodic[:-keep] if keep else []  # this run's own, older than the newest K
+    run.periodic = run.periodic[len(drop):]
     state = dict(script=NAME, model=run.model.state_dict(), ema=run.ema.state_dict(),
                  opt=run.opt.state_dict(), scaler=run.scaler.state_dict(), step=step, rng=rng,
-                 config=run.config, meta=run.meta, best_val=run.best_val, extras=run.state)
+                 config=run.config, meta=run.meta, best_val=run.best_val, extras=run.state,
+                 periodic=run.periodic)
     for name in ["ckpt.pt"] + ["best.pt"] * improved + [f"ckpt_{step}.pt"] * periodic:
         save_checkpoint(os.path.join(out, name), state)
-    periodic = sorted(int(f[5:-3]) for f in os.listdir(out) if f[:5] + f[-3:] == "ckpt_.pt")
-    for s in periodic[:-keep] if keep else []:
+    for s in drop:
         os.remove(os.path.join(out, f"ckpt_{s}.pt"))
 
 
@@ -909,9 +1030,8 @@ def sample_grid(run, step, trace=None):
 
 
 def reconstruction(run, path, fracs=(0.25, 0.5, 0.75, 1.0)):
-    """reconstruction.png: up to 8 training images (rows), each noised to t = T/4, T/2, 3T/4, T-1
-    and restored by the EMA model with its own condition (w=1; columns x_t, restored). Returns the
-    mean squared error of the restored images per t."""
+    """reconstruction.png: up to 8 training images (rows), noised to t = T/4, T/2, 3T/4, T-1 and
+    restored by the EMA model with their condition (w=1); returns the restored images' MSE per t."""
     images, cond = run.train_set[torch.arange(min(8, len(run.train_set)))]
     x0, T = to_model(images, run.device), len(run.alphas_cumprod)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).to(run.device)
@@ -930,15 +1050,14 @@ def reconstruction(run, path, fracs=(0.25, 0.5, 0.75, 1.0)):
 
 def train(args, device, ddp, rank, world):
     """Train with the command line's settings, saving as it goes; returns the run (for --fid)."""
-    run, master = build_run(args, device, rank, world), rank == 0
+    run, master = begin(args, device, ddp, rank, world), rank == 0
     wrapped = run.model
     if ddp:
         wrapped = DDP(run.model, device_ids=[device.index] if device.type == "cuda" else None)
     model = torch.compile(wrapped) if args.compile else wrapped
-    lock_path = start_run(args, run, world) if master else None
     try:
-        stream = loader(run.train_set, args.batch_size, args.seed, rank, world,
-                        run.step * args.accum, args.workers, device)
+        if master:
+            start_run(args, run, world)
         losses, run.t0, t_log = [], time.time(), time.time()
         if master and "train" in EXTRAS:  # the source project's figures (last section)
             EXTRAS["train"](run, run.step)
@@ -951,7 +1070,7 @@ def train(args, device, ddp, rank, world):
                 group["lr"] = lr
 
             # forward, backward and update on --accum micro-batches, then the EMA (warmed up)
-            micro = [next(stream) for _ in range(args.accum)]
+            micro = [next(run.stream) for _ in range(args.accum)]
             losses.append(train_step(model, wrapped, run, micro, ddp))
             update_ema(run.ema, run.model, min(args.ema, (1 + step) / (10 + step)))
             done = step + 1
@@ -985,27 +1104,26 @@ def train(args, device, ddp, rank, world):
             print(f"done: step {run.total} in {time.time() - run.t0:.0f}s, loss {rec['loss']:.4f}, "
                   f"reconstruction MSE by t {errors} -> {args.out_dir}")
     finally:
-        if lock_path:
-            os.remove(lock_path)
+        if run.lock_file:
+            unlock(run.lock_file)
     return run
 
 
 # ----------------------------------------------------------------------------- entry points
 
-def load_run(path, device, dtype):
-    """A trained run from its checkpoint: the EMA model, built from the checkpoint's own config and
-    meta, with the run's noise schedule."""
+def load_run(path, device, dtype, today):
+    """A trained run from its checkpoint: the EMA model, built from the checkpoint's own config
+    (today's settings where it has none) and meta, with the run's noise schedule."""
     ck = load_checkpoint(path, device)
-    run = new_run(ck["config"], ck["meta"], device, dtype)
+    run = new_run(fill_in(ck["config"], today, path), ck["meta"], device, dtype)
     load_weights(run.ema, ck["ema"], path)
     run.ckpt, run.step = path, ck["step"]
     return run
 
 
 def sample_main(run, args):
-    """--sample: samples.png (--labels, --per-label of each, with the command line's settings but
-    the run's --uncond), reverse.png (the rows' denoising paths) and with --gif denoise.gif,
-    unless the source project's extras draw instead."""
+    """--sample: samples.png (--labels, --per-label each; the run's --uncond), reverse.png (rows'
+    denoising paths), with --gif denoise.gif; or what the source project's extras draw instead."""
     config = dict(vars(args), uncond=run.config["uncond"])
     cond, drop, nrow = conditions(args.labels, args.per_label, run.meta, config)
     if "sample" in EXTRAS and EXTRAS["sample"](run, args):
@@ -1033,9 +1151,8 @@ def fid_reference(config, n):
 
 
 def run_fid(run, args, ref, rank, world, batch_size=250):
-    """fid.json: FID and Inception Score of --fid samples against as many reference images, each
-    sample conditioned as its reference image (each rank makes and measures its share, fid.evaluate
-    sums the statistics over the ranks); real_vs_fake.png to look at."""
+    """fid.json: FID and IS of --fid samples, each conditioned as its reference image (each rank its
+    share; fid.evaluate sums the statistics over the ranks); real_vs_fake.png to look at."""
     import fid  # only here: the script runs without fid.py
     data, name = ref
     mine = torch.arange(rank, args.fid, world).split(batch_size)
@@ -1079,9 +1196,8 @@ def main(argv=None):
     try:
         if args.sample:  # the checkpoint's run; only rank 0 writes samples
             run = load_run(args.ckpt or os.path.join(args.out_dir, "ckpt.pt"), device,
-                           amp_dtype(args.dtype, device))
-            # the checkpoint's settings, and today's defaults for settings newer than it
-            config = {**vars(args), **run.config, "data_dir": args.data_dir}
+                           amp_dtype(args.dtype, device), vars(args))
+            config = dict(run.config, data_dir=args.data_dir)
             ref = fid_reference(config, args.fid)
             if rank == 0:
                 sample_main(run, args)
@@ -1090,6 +1206,8 @@ def main(argv=None):
             run = train(args, device, ddp, rank, world)
         if args.fid:
             run_fid(run, args, ref, rank, world)
+    except OSError as e:  # a full or read-only disk, a folder gone: one line (the lock is freed)
+        sys.exit(f"error: {e}")
     finally:
         if ddp:
             dist.destroy_process_group()
@@ -1149,6 +1267,8 @@ def clip_sample(run, args):
     by CLIP (bottom row) in clip_<prompt>.png. Returns whether it did."""
     if not args.clip_prompt:
         return False
+    if args.clip_scale < 0 or args.clip_steps < 0 or args.clip_lr <= 0:
+        die("--clip-scale and --clip-steps must be >= 0, --clip-lr > 0")
     steer = clip_guide(*load_clip(run.device), args.clip_prompt, args.clip_scale, args.clip_steps,
                        args.clip_lr)
     cond, drop = torch.zeros(args.per_label, dtype=torch.long), torch.ones(args.per_label).bool()

@@ -8,12 +8,14 @@ promises run over it. Then the sampler math and the spine test, then a section p
 and bench.py.
 """
 import ast
+import errno
 import importlib
 import json
 import os
 import pickle
 import shlex
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -284,17 +286,19 @@ def test_sample_with_each_sampler(trained, tmp_path, sampler):
 
 
 def test_bad_input_is_one_line(trained, capsys, tmp_path):
-    """SPEC's and the attack's bad inputs: one line naming the flag or file, exit status 2, and a
-    failed start leaves the run as it was."""
+    """The collection's and the attack's bad inputs: one line naming the flag or file, exit status
+    2, and a failed start leaves the run as it was."""
     script, ckpt = trained.script, trained.ckpt
     sample = ["--sample", "--ckpt", ckpt, "--out-dir", tmp_path / "s", "--device", "cpu"]
     train = [*base_args(script, trained.data), "--out-dir", tmp_path / "o", "--iters", 1]
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     torch.save({"script": "another"}, tmp_path / "other.pt")
     (tmp_path / "bad.json").write_text("{not json")
-    (tmp_path / "other.json").write_text(json.dumps({"width": 32, "no_such_setting": 1}))
+    (tmp_path / "other.json").write_text(json.dumps({"width": None, "no_such_setting": 1}))
     (tmp_path / "a_file").write_text("")
     os.makedirs(tmp_path / "empty" / "a")
+    os.makedirs(tmp_path / "linked")
+    os.symlink(tmp_path / "a_file", tmp_path / "linked" / "log.jsonl")  # a write would leave
     cases = [(["--steps", 0], "--steps"), ([*sample, "--cfg", -1], "--cfg"),
              ([*sample, "--eta", 1.5], "--eta"), ([*train, "--lr", -1], "--lr"),
              ([*train, "--warmup", -1], "--warmup"), ([*train, "--log-every", 0], "--log-every"),
@@ -302,6 +306,9 @@ def test_bad_input_is_one_line(trained, capsys, tmp_path):
              ([*train, "--width", 12], "--width"), ([*train, "--val-size", -1], "--val-size"),
              ([*train, "--fid", 1], "--fid"), ([*train, "--dtype", "fp8"], "--dtype"),
              ([*train, "--min-snr", 5, "--loss", "l1"], "--min-snr 5.0: must be 0 with --loss"),
+             ([*sample, "--cfg", "inf"], "--cfg inf"), ([*train, "--lr", "inf"], "--lr inf"),
+             ([*train, "--steps", 1, "--schedule", "linear"], "--steps 1: must be enough"),
+             ([*train, "--out-dir", tmp_path / "linked"], "symbolic link"),
              ([*sample, "--labels", trained.s.bad_label], "--labels"),
              (["--sample", "--ckpt", tmp_path / "x.pt"], "no checkpoint"),
              (["--sample", "--ckpt", tmp_path / "junk.pt"], "not a readable checkpoint"),
@@ -314,7 +321,7 @@ def test_bad_input_is_one_line(trained, capsys, tmp_path):
              ([*train, "--config", tmp_path / "other.json"], "--config"),
              ([*sample, "--fid", 100000, "--data-dir", trained.data], "--fid 100000"),
              ([*trained.base, "--resume", "--iters", 4], "already"),
-             ([*trained.base, "--resume", "--iters", 8, "--width", 64], "does not match")]
+             ([*trained.base, "--resume", "--iters", 8, "--width", 64], "--width 64 is not")]
     if not torch.cuda.is_available():
         cases.append(([*sample, "--device", "cuda"], "--device cuda"))
     config = open(os.path.join(trained.out, "config.json")).read()
@@ -396,7 +403,7 @@ def test_image_folder_sees_every_class(script, tmp_path, capsys):
     assert len(set((cond.argmax(1) if cond.dim() > 1 else cond).tolist())) == 3
     with open(os.path.join(folder, "dog", "0.png"), "wb") as f:  # a damaged image: named, at start
         f.write(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
-    assert "0.png" in assert_bad_input(capsys, script, *args, "--iters", 1)
+    assert "0.png" in assert_bad_input(capsys, script, *args, "--iters", 1, "--overwrite")
 
 
 def test_config_reruns_a_run(trained, tmp_path):
@@ -413,13 +420,13 @@ def test_config_reruns_a_run(trained, tmp_path):
 
 # ------------------------------------------------------------------------ the spine and its math
 
-SPINE = """die get_args check_args image_folder download_once split_data batches loader to_model
-timestep_embedding make_betas make_alphas_cumprod q_sample p_losses eval_loss cfg_denoiser
-denoiser ddim_timesteps dpmpp_timesteps ddim_sample dpmpp_sample generate sampling tracer
-label_conds save_grid path_figure save_gif update_ema save_checkpoint load_checkpoint load_weights
-setup amp_dtype autocast rng_states lock pid_alive new_run build_run start_run get_lr train_step
-log_record write_log save_run sample_grid reconstruction train load_run sample_main fid_reference
-run_fid main""".split()
+SPINE = """die get_args saved_settings fits fill_in check_args image_folder picture download_once
+split_data batches loader to_model timestep_embedding make_betas make_alphas_cumprod q_sample
+p_losses eval_loss cfg_denoiser denoiser ddim_timesteps dpmpp_timesteps ddim_sample dpmpp_sample
+generate sampling tracer label_conds save_grid path_figure save_gif update_ema save_checkpoint
+load_checkpoint load_weights setup amp_dtype autocast rng_states lock unlock new_run build_run
+begin start_run get_lr train_step log_record write_log save_run sample_grid reconstruction train
+load_run sample_main fid_reference run_fid main""".split()
 OWN = ["get_data", "conditions", "build_model", "loss_target", "eps_from_pred"]
 BANNERS = ["config", "data", "model", "diffusion", "sampling", "EMA, checkpoints, system",
            "training", "entry points"]
@@ -595,15 +602,79 @@ def test_a_non_finite_loss_stops_fp32_but_is_skipped_under_fp16(dtype, status, d
         assert [r.get("skipped") for r in read_log(tmp_path)] == [0, 1]
 
 
-def test_a_second_run_on_the_folder_is_refused(data_dir, tmp_path, capsys):
-    """A lock names the run holding --out-dir; a dead process's lock is taken over."""
-    args = [*base_args("mnist_ddpm", data_dir("mnist_ddpm")), "--out-dir", tmp_path, "--iters", 1]
-    (tmp_path / "lock").write_text(f"{os.uname().nodename} {os.getpid()}\n")  # alive: this process
-    assert "in use by process" in assert_bad_input(capsys, "mnist_ddpm", *args)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True).stdout.strip()
-    (tmp_path / "lock").write_text(f"{os.uname().nodename} {dead}\n")
-    assert run("mnist_ddpm", *args) == 0 and not os.path.exists(tmp_path / "lock")
+def test_a_run_never_replaces_another_runs_files(data_dir, tmp_path, capsys):
+    """The OS lock on <out-dir>/lock refuses a second run while a process holds it; a lock file no
+    process holds (a crashed run's, from any host, any text) is free. A new run where a run's files
+    are needs --resume or --overwrite; --config carries settings, not the old run's folder (an
+    unknown setting is a warning); --keep removes only this run's ckpt_<step>.pt."""
+    import mnist_ddpm as m
+    args = [*base_args("mnist_ddpm", data_dir("mnist_ddpm")), "--out-dir", tmp_path,
+            "--sample-every", 100]
+    held = m.lock(str(tmp_path), True)  # as another run holds it
+    assert "in use by another run" in assert_bad_input(capsys, "mnist_ddpm", *args, "--iters", 1)
+    m.unlock(held)
+    (tmp_path / "lock").write_text("a container that is gone\n")
+    for name in ("ckpt_100.pt", "ckpt_final.pt"):  # not this run's
+        (tmp_path / name).write_text("someone's")
+    assert run("mnist_ddpm", *args, "--iters", 3, "--save-every", 1, "--keep", 1) == 0
+    assert sorted(f.name for f in tmp_path.glob("ckpt_*")) == ["ckpt_100.pt", "ckpt_3.pt",
+                                                                "ckpt_final.pt"]
+    assert not os.path.exists(tmp_path / "lock")
+    assert "--resume" in assert_bad_input(capsys, "mnist_ddpm", *args, "--iters", 1)
+    assert load(tmp_path / "ckpt.pt")["step"] == 3 and len(read_log(tmp_path)) == 3
+    config = json.load(open(tmp_path / "config.json"))
+    (tmp_path / "old.json").write_text(json.dumps(dict(config, retired_flag=1)))
+    again = m.get_args(["--config", str(tmp_path / "old.json")])
+    assert (again.out_dir, again.iters, again.keep) == ("out/mnist_ddpm", 3, 1)
+    assert "retired_flag" in capsys.readouterr().err
+    assert run("mnist_ddpm", *args, "--iters", 1, "--overwrite") == 0
+    assert load(tmp_path / "ckpt.pt")["step"] == 1
+
+
+def test_resume_continues_the_saved_run(data_dir, tmp_path, capsys):
+    """--resume takes the checkpoint's settings and refuses a change to its math or its number of
+    processes; a checkpoint of an older script (without a setting) resumes with today's value."""
+    args = [*base_args("mnist_ddpm", data_dir("mnist_ddpm")), "--out-dir", tmp_path,
+            "--sample-every", 100, "--schedule", "linear", "--lr", "2e-3"]
+    assert run("mnist_ddpm", *args, "--iters", 2) == 0
+    resume = ["--out-dir", tmp_path, "--device", "cpu", "--resume", "--iters", 3]
+    assert "--schedule cosine is not the run's linear" in assert_bad_input(
+        capsys, "mnist_ddpm", *resume, "--schedule", "cosine")
+    ck = load(tmp_path / "ckpt.pt")
+    torch.save(dict(ck, rng=ck["rng"] * 2), tmp_path / "ckpt.pt")
+    assert "by 2 processes, not 1" in assert_bad_input(capsys, "mnist_ddpm", *resume)
+    del ck["config"]["min_snr"]
+    torch.save(ck, tmp_path / "ckpt.pt")
+    assert run("mnist_ddpm", *resume) == 0
+    assert "has no min_snr: today's values" in capsys.readouterr().err
+    config = json.load(open(tmp_path / "config.json"))
+    assert (config["schedule"], config["lr"], config["iters"]) == ("linear", 2e-3, 3)
+
+
+def test_image_folder_reads_every_mode_and_skips_hidden_files(tmp_path, capsys, monkeypatch):
+    """16-bit grey scaled, not clipped; transparency over white; CMYK, animations as they look;
+    hidden files and folders skipped; a float image or a decompression bomb: one line, the file."""
+    import mnist_ddpm as m
+    root = tmp_path / "imgs"
+    for folder in ("a", "b", ".ipynb_checkpoints"):
+        os.makedirs(root / folder)
+    Image.fromarray(np.full((8, 8), 30000, np.uint16)).save(root / "a" / "deep.png")  # I;16
+    Image.new("LA", (8, 8), (0, 0)).save(root / "a" / "clear.png")
+    Image.new("CMYK", (8, 8), (0, 0, 0, 0)).save(root / "b" / "cmyk.jpg")
+    frames = [Image.new("RGB", (8, 8), c) for c in ("red", "blue")]
+    frames[0].save(root / "b" / "anim.png", save_all=True, append_images=frames[1:])
+    (root / "b" / "._anim.png").write_bytes(b"\0\5\26\7")  # macOS's resource fork
+    Image.new("L", (8, 8)).save(root / ".ipynb_checkpoints" / "x.png")
+    images, labels, classes = m.image_folder(str(root), 8, 3)
+    assert classes == ["a", "b"] and sorted(labels.tolist()) == [0, 0, 1, 1]
+    assert sorted(images[:, :, 0, 0].tolist()) == [[116] * 3, [255, 0, 0], [255] * 3, [255] * 3]
+    assert "2 hidden files and folders skipped" in capsys.readouterr().out
+    args = [*base_args("mnist_ddpm", ""), "--image-folder", root, "--out-dir", tmp_path / "o"]
+    Image.fromarray(np.ones((8, 8), np.float32)).save(root / "b" / "float.tiff")
+    assert "float.tiff" in assert_bad_input(capsys, "mnist_ddpm", *args)
+    os.remove(root / "b" / "float.tiff")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # 8 x 8 pixels > 2 x 10: a bomb
+    assert "DecompressionBombError" in assert_bad_input(capsys, "mnist_ddpm", *args)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -622,20 +693,36 @@ def test_the_log_reads_as_one_run_after_a_crash(script, data_dir, tmp_path):
 
 
 def test_a_full_disk_keeps_the_previous_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
+    """A full disk while saving, a read-only one while logging: one line, ckpt.pt of step 2 stays,
+    no temporary file or lock is left. A checkpoint reaches the disk (file, then folder) before it
+    replaces the last, through a temporary file of its own name."""
     import mnist_ddpm as m
     args = [*base_args("mnist_ddpm", data_dir("mnist_ddpm")), "--out-dir", tmp_path,
             "--sample-every", 100]
     assert run("mnist_ddpm", *args, "--iters", 2) == 0
 
-    def full(state, path):  # what torch.save does on a full disk: a partial file, then this
-        open(path, "wb").write(b"PK\3\4 partial")
+    def full(state, f):  # what torch.save does on a full disk: part of the file, then this
+        f.write(b"PK\3\4 partial")
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
     monkeypatch.setattr(m.torch, "save", full)
     capsys.readouterr()
     assert run("mnist_ddpm", *args, "--iters", 4, "--resume") == 1
     assert "no space left on the device" in capsys.readouterr().err
+
+    def read_only(rec, run):  # what a write raises on a disk remounted read-only
+        raise OSError(errno.EROFS, "Read-only file system", "log.jsonl")
+    monkeypatch.setattr(m, "write_log", read_only)
+    assert run("mnist_ddpm", *args, "--iters", 4, "--resume") == 1
+    assert "error: [Errno 30] Read-only file system: 'log.jsonl'" in capsys.readouterr().err
     monkeypatch.undo()
     assert load(tmp_path / "ckpt.pt")["step"] == 2 and not list(tmp_path.glob("*.tmp"))
+    assert not os.path.exists(tmp_path / "lock")
+    (tmp_path / "ckpt.pt.tmp").mkdir()  # another writer's temporary name
+    events, fsync, replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync") or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append("replace") or replace(a, b))
+    m.save_checkpoint(str(tmp_path / "ckpt.pt"), {"step": 5})
+    assert events == ["fsync", "replace", "fsync"] and load(tmp_path / "ckpt.pt")["step"] == 5
 
 
 def test_torchrun_bad_flag_and_sampling(data_dir, tmp_path):
@@ -649,6 +736,26 @@ def test_torchrun_bad_flag_and_sampling(data_dir, tmp_path):
                "--iters", 1) == 0
     r = torchrun("mnist_ddpm", 2, "--sample", "--out-dir", out, "--per-label", 1, "--device", "cpu")
     assert r.returncode == 0 and r.stdout.count("wrote 11 samples") == 1, r.stderr[-2000:]
+
+
+def test_a_rank_that_cannot_start_stops_every_rank(data_dir, tmp_path):
+    """Two ranks started as a cluster's scheduler starts them (no torchrun to end the other one):
+    rank 0 finds --out-dir in use, and both stop at once with its one line, not rank 1 in a
+    collective until the process group's timeout (or with gloo's traceback)."""
+    import mnist_ddpm as m
+    held = m.lock(str(tmp_path), True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]),
+                   WORLD_SIZE="2", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, os.path.join(HERE, "mnist_ddpm.py"), "--out-dir", str(tmp_path),
+           *base_args("mnist_ddpm", data_dir("mnist_ddpm")), "--iters", "1"]
+    ranks = [subprocess.Popen(cmd, env=dict(env, RANK=r, LOCAL_RANK=r), stderr=subprocess.PIPE,
+                              text=True) for r in "01"]
+    errs = [p.communicate(timeout=120)[1].strip() for p in ranks]
+    m.unlock(held)
+    assert [p.returncode for p in ranks] == [2, 2]
+    assert errs[0] == errs[1] and errs[0].startswith("error: --out-dir") and "\n" not in errs[0]
 
 
 def test_download_once_per_machine(monkeypatch):
