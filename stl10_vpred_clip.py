@@ -1,6 +1,5 @@
 """Train a v-prediction diffusion U-Net on STL-10 at 96x96, conditioned on frozen CLIP ViT-B/32
-text embeddings of "a photo of a {class}" by cross-attention in every U-Net block; classifier-free
-guidance on v.
+text embeddings of "a photo of a {class}" by cross-attention; classifier-free guidance on v.
 
     python stl10_vpred_clip.py --steps 500 --cfg 6           # train; STL-10 is downloaded to ./data
     python stl10_vpred_clip.py --cond learned                # learned label embeddings, no CLIP
@@ -10,14 +9,13 @@ guidance on v.
     python stl10_vpred_clip.py --sample --fid 5000           # FID and IS against the test split
     torchrun --nproc_per_node=4 stl10_vpred_clip.py          # several GPUs, DistributedDataParallel
 
-CLIP needs `pip install open_clip_torch` (or --text-emb FILE); without it the script says so in one
-line and learns label embeddings. Follows seed 000, "STL10 Class-Conditional Diffusion (96x96)"
-(v-prediction, cosine schedule with 500 steps, CLIP text by cross-attention, its diagnostics and
-sweeps), with the collection's shared command line (SPEC.md).
+CLIP needs `pip install open_clip_torch` or --text-emb FILE (without: learned label embeddings).
+Follows seed 000, "STL10 Class-Conditional Diffusion (96x96)", on the collection's flags (README).
 """
 import argparse
 import copy
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -33,7 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from PIL import Image, ImageColor, ImageDraw
+from PIL import Image, ImageDraw
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
 from tqdm import tqdm
@@ -61,7 +59,6 @@ KEEP_OUT = ["out_dir", "resume", "sample", "ckpt", "config", "overwrite", "run_n
 RESUMABLE = ["iters", "epochs", "log_every", "sample_every", "ckpt_every", "save_every", "keep",
              "workers", "device", "dtype", "compile", "tensorboard", "data_dir", "fid",
              "fid_weights"]
-CLIP_CACHE = "clip_text_emb_stl10_vitb32.pt"  # in --data-dir (--out-dir for an --image-folder)
 
 
 def die(msg):
@@ -244,9 +241,7 @@ META = dict(classes=["airplane", "bird", "car", "cat", "deer", "dog", "horse", "
 
 
 def get_data(config, split="train"):
-    """(data set of (uint8 [3, size, size] image, label) pairs, meta): STL-10's labelled training
-    split, or for split="fid" the FID reference (its test split); or --image-folder (its own
-    reference). The training split's meta holds the conditioning table too (text_embeddings)."""
+    """(data set of (uint8 image, label), meta): STL-10's train (test: "fid") or --image-folder."""
     size = config["size"]
     if size < 8 or size % 8:
         die(f"--size {size}: must be a multiple of 8 (the U-Net halves it three times)")
@@ -255,11 +250,10 @@ def get_data(config, split="train"):
         images, labels, meta["classes"] = image_folder(config["image_folder"], size, 3)
         data, meta["fid_ref"] = TensorDataset(images, labels), "image-folder"
     else:
-        root = config["data_dir"]
         ds = download_once(lambda: torchvision.datasets.STL10(
-            root, "test" if split == "fid" else "train", download=True),
+            config["data_dir"], "test" if split == "fid" else "train", download=True),
             f"put train_X.bin, train_y.bin, test_X.bin, test_y.bin, unlabeled_X.bin and "
-            f"class_names.txt (from stl10_binary.tar.gz) in {root}/stl10_binary/")
+            f"class_names.txt (from stl10_binary.tar.gz) in {config['data_dir']}/stl10_binary/")
         images = torch.from_numpy(ds.data)
         if size != images.shape[-1]:
             images = torchvision.transforms.functional.resize(images, [size, size], antialias=True)
@@ -270,15 +264,12 @@ def get_data(config, split="train"):
 
 
 def text_embeddings(config, classes):
-    """meta's conditioning table: text_emb, CLIP ViT-B/32's unit-norm embeddings [n + 1, D] of "a
-    photo of a {class}" for the n classes and of "" (row n: the null condition), computed by one
-    process per machine and cached, or --text-emb's; context_dim, their D. With --cond learned, or
-    when open_clip is not installed (config["cond"] then becomes "learned", and so config.json), no
-    table: the model learns 4 * width wide embeddings."""
+    """meta's text_emb [n + 1, D]: CLIP's embeddings of "a photo of a {class}", then of "" (the null
+    condition), or --text-emb's; none with --cond learned or without open_clip (it sets that)."""
     if config["cond"] == "clip":
         prompts = [f"a photo of a {c}" for c in classes] + [""]
         folder = config["out_dir"] if config["image_folder"] else config["data_dir"]
-        path = config["text_emb"] or os.path.join(folder, CLIP_CACHE)
+        path = config["text_emb"] or os.path.join(folder, "clip_text_emb_stl10_vitb32.pt")
         emb = download_once(lambda: clip_embeddings(prompts, path, config["text_emb"]),
                             "open_clip fetches ViT-B/32's weights: pass --text-emb FILE instead")
         if emb is not None:
@@ -292,9 +283,7 @@ def text_embeddings(config, classes):
 
 
 def clip_embeddings(prompts, path, given):
-    """CLIP's text embeddings of the prompts: the file `given` (--text-emb), the cache at `path` if
-    it holds these prompts, else open_clip's (the seed's ViT-B/32), written to `path`; None without
-    open_clip."""
+    """The prompts' embeddings: --text-emb's, cached at `path`, or open_clip ViT-B/32's (cached)."""
     if given or os.path.isfile(path):
         try:
             d = torch.load(path, map_location="cpu", weights_only=True)
@@ -447,8 +436,7 @@ class ResBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention of the pixels over themselves, or (cross-attention) over context tokens
-    ctx [B, L, ctx_dim]; returns the update, which the caller adds."""
+    """Multi-head self-attention of the pixels, or cross-attention to tokens ctx [B, L, ctx_dim]."""
 
     def __init__(self, ch, ctx_dim=None, heads=4):
         super().__init__()
@@ -469,10 +457,8 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """The seed's U-Net layer: residual block (structure and time), self-attention over the image,
-    then cross-attention to the text added on top: out = res_out + cross_attn_out. Its keys are the
-    text and a learned null token (one key alone would get softmax weight 1 everywhere), so that
-    each pixel chooses how much text it takes."""
+    """The seed's U-Net layer: ResBlock, self-attention, then cross-attention to the text added on
+    top; a learned null key beside the text lets a pixel take less (a lone key gets weight 1)."""
 
     def __init__(self, cin, cout, emb_dim, ctx_dim, dropout, self_attn):
         super().__init__()
@@ -489,20 +475,16 @@ class Block(nn.Module):
 
 
 class UNet(nn.Module):
-    """96 -> 48 -> 24 -> 12 U-Net of Blocks (at --size 96), self-attention on the last two levels
-    (24x24, 12x12), skips concatenated. The condition y picks a row of the conditioning table, a
-    frozen buffer (CLIP's) or learned embeddings; dropped rows take the last row, the null condition
-    of CFG."""
+    """96 -> 48 -> 24 -> 12 U-Net of Blocks; y picks a row of the (frozen or learned) table."""
 
-    def __init__(self, width, depth, n_classes, ctx_dim, frozen, dropout=0.0, channels=3,
-                 mults=(1, 2, 2, 4)):
+    def __init__(self, width, depth, n_classes, ctx_dim, text_emb, dropout=0.0, channels=3):
         super().__init__()
-        emb_dim, chs = 4 * width, [width * m for m in mults]
+        emb_dim, chs = 4 * width, [width * m for m in (1, 2, 2, 4)]
         self.width = width
         self.time_mlp = nn.Sequential(nn.Linear(width, emb_dim), nn.SiLU(),
                                       nn.Linear(emb_dim, emb_dim))
-        if frozen:  # saved with the weights, never trained
-            self.register_buffer("text_emb", torch.zeros(n_classes + 1, ctx_dim))
+        if text_emb is not None:  # saved with the weights, never trained
+            self.register_buffer("text_emb", text_emb.float().clone())
         else:
             self.label_emb = nn.Embedding(n_classes + 1, ctx_dim)
         self.stem = nn.Conv2d(channels, width, 3, padding=1)
@@ -527,8 +509,7 @@ class UNet(nn.Module):
         self.out = nn.Sequential(nn.GroupNorm(8, c), nn.SiLU(),
                                  nn.Conv2d(c, channels, 3, padding=1))
 
-    def table(self):
-        """The conditioning vectors: a row per class, then the null row."""
+    def table(self):  # the conditioning vectors: a row per class, then the null row
         return self.text_emb if hasattr(self, "text_emb") else self.label_emb.weight
 
     def forward(self, x, t, y, drop):
@@ -547,16 +528,11 @@ class UNet(nn.Module):
 
 
 def build_model(config, meta):
-    """The network for a run's settings and its data's facts, with meta's CLIP table (if any) copied
-    into its frozen buffer."""
+    """The network for a run's settings and its data's facts (meta's text_emb frozen in it)."""
     if config["width"] % 8:
         die(f"--width {config['width']}: must be a multiple of 8 (GroupNorm's 8 groups)")
-    text_emb = meta["text_emb"]
-    model = UNet(config["width"], config["depth"], len(meta["classes"]), meta["context_dim"],
-                 text_emb is not None, config["dropout"], meta["channels"])
-    if text_emb is not None:
-        model.text_emb.copy_(text_emb)
-    return model
+    return UNet(config["width"], config["depth"], len(meta["classes"]), meta["context_dim"],
+                meta["text_emb"], config["dropout"], meta["channels"])
 
 
 # ----------------------------------------------------------------------------- diffusion
@@ -585,14 +561,12 @@ def q_sample(x0, t, noise, alphas_cumprod):
 
 
 def loss_target(x0, noise, abar):
-    """What the network learns to predict: v = sqrt(abar) * eps - sqrt(1 - abar) * x0 (Salimans &
-    Ho), the seed's v-prediction."""
+    """The seed's v-prediction target (Salimans & Ho): v = sqrt(abar) eps - sqrt(1 - abar) x0."""
     return abar.sqrt() * noise - (1 - abar).sqrt() * x0
 
 
 def eps_from_pred(pred, x, abar):
-    """The network's v (guided already: cfg_denoiser works on the prediction) as the noise eps that
-    the samplers take: eps = sqrt(abar) * v + sqrt(1 - abar) * x_t."""
+    """The (guided) v as the samplers' noise: eps = sqrt(abar) * v + sqrt(1 - abar) * x_t."""
     return abar.sqrt() * pred + (1 - abar).sqrt() * x
 
 
@@ -1305,10 +1279,7 @@ def main(argv=None):
 # ----------------------------------------------------------------------------- seed 000's extras
 
 class NoTraining(argparse.Action):
-    """--diagnostics and --sweep: figures of --ckpt, so a run of --sample (no training)."""
-
-    def __init__(self, option_strings, dest, **kwargs):
-        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
+    """--diagnostics and --sweep (nargs=0): figures of --ckpt, so a --sample run (no training)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         setattr(namespace, self.dest, True)
@@ -1323,8 +1294,7 @@ def whole(text):
 
 
 def embedding_map(x, names, path):
-    """embeddings.png: the conditioning vectors x in 2-D, each labelled: t-SNE when scikit-learn is
-    installed, else their two principal axes (PCA)."""
+    """embeddings.png: the conditioning vectors x in 2-D, named: t-SNE (scikit-learn), else PCA."""
     try:
         from sklearn.manifold import TSNE
         xy = TSNE(2, perplexity=min(5, len(x) - 1), init="pca", random_state=0).fit_transform(x)
@@ -1338,17 +1308,15 @@ def embedding_map(x, names, path):
     draw = ImageDraw.Draw(img)
     draw.text((8, 6), f"conditioning embeddings, {method}", fill="black")
     for i, ((px, py), name) in enumerate(zip(xy.tolist(), names)):
-        colour = ImageColor.getrgb(f"hsl({i * 360 // len(names)},70%,45%)")
-        draw.ellipse([px - 5, py - 5, px + 5, py + 5], fill=colour)
+        draw.ellipse([px - 5, py - 5, px + 5, py + 5], fill=f"hsl({i * 360 // len(names)},70%,45%)")
         draw.text((px + 8, py - 6), name, fill="black")
     img.save(path)
 
 
 @torch.no_grad()
 def diagnostics(run, config, step):
-    """The seed's five checks in diagnostics/step_<step>/ with config's sampler: embeddings.png
-    (and the projector), collage.png (4 samples from noise), grid_cfg<W>.png, reconstruction.png
-    (an image noised to t = 10% ... 100% of T, restored below, w=1), reconstruction_sweep.png."""
+    """The seed's five checks, diagnostics/step_<step>/*.png with config's sampler: embeddings (and
+    projector), collage (4 paths), grid_cfg<W>, reconstruction(_sweep) from t = 10% ... T (w=1)."""
     out = os.path.join(config["out_dir"], "diagnostics", f"step_{step}")
     os.makedirs(out, exist_ok=True)
     names, table = run.meta["classes"] + ["uncond"], run.ema.table().detach().float().cpu()
@@ -1377,22 +1345,6 @@ def diagnostics(run, config, step):
     save_grid(panel, os.path.join(out, "reconstruction_sweep.png"), len(ts) + 1)
 
 
-def sweep(run, args):
-    """The seed's inference_sweeps: sweeps/<schedule>/grid_<schedule>_cfg<W>_eta<E>.png of --labels
-    by DDIM for every --schedules x --sweep-cfg x --sweep-eta (the checkpoint's network on each)."""
-    cond, drop, nrow = conditions(args.labels, args.per_label, run.meta, run.config)
-    for schedule in args.schedules:
-        folder = os.path.join(args.out_dir, "sweeps", schedule)
-        os.makedirs(folder, exist_ok=True)
-        ab = make_alphas_cumprod(schedule, len(run.alphas_cumprod), run.device)
-        for w in args.sweep_cfg:
-            for eta in args.sweep_eta:
-                with autocast(run.dtype, run.device):
-                    x = generate(run.ema, cond, drop, ab, run.shape, args.seed, "ddim",
-                                 args.sample_steps, eta, w, columns=nrow)
-                save_grid(x, os.path.join(folder, f"grid_{schedule}_cfg{w}_eta{eta}.png"), nrow)
-
-
 def diagnostics_every(run, step):
     """Train hook: the five checks every --diag-every steps and after the last (0: never)."""
     every = run.config["diag_every"]
@@ -1401,7 +1353,8 @@ def diagnostics_every(run, step):
 
 
 def diagnostics_and_sweep(run, args):
-    """Sample hook: --diagnostics (the seed's inference_full) and --sweep, not samples.png."""
+    """Sample hook, not samples.png: --diagnostics (the seed's inference_full) and --sweep (its
+    inference_sweeps: DDIM grids of --labels, every --schedules x --sweep-cfg x --sweep-eta)."""
     if not (args.diagnostics or args.sweep):
         return False
     if min(args.sweep_cfg) < 0 or not all(0 <= eta <= 1 for eta in args.sweep_eta):
@@ -1411,16 +1364,26 @@ def diagnostics_and_sweep(run, args):
         run.train_set = split_data(data, run.config["limit"], run.config["val_size"])[0]
         diagnostics(run, vars(args), run.step)
     if args.sweep:
-        sweep(run, args)
+        cond, drop, nrow = conditions(args.labels, args.per_label, run.meta, run.config)
+        for schedule in args.schedules:
+            folder = os.path.join(args.out_dir, "sweeps", schedule)
+            os.makedirs(folder, exist_ok=True)
+            ab = make_alphas_cumprod(schedule, len(run.alphas_cumprod), run.device)
+            for w, eta in itertools.product(args.sweep_cfg, args.sweep_eta):
+                with autocast(run.dtype, run.device):
+                    x = generate(run.ema, cond, drop, ab, run.shape, args.seed, "ddim",
+                                 args.sample_steps, eta, w, columns=nrow)
+                save_grid(x, os.path.join(folder, f"grid_{schedule}_cfg{w}_eta{eta}.png"), nrow)
     print(f"wrote the figures of step {run.step} to {args.out_dir}")
     return True
 
 
 EXTRAS.update(
     flags=[("--diag-every", dict(type=whole, default=5000, help="steps between diagnostics")),
-           ("--diagnostics", dict(action=NoTraining, help="no training: the figures of --ckpt")),
-           ("--sweep", dict(action=NoTraining, help="no training: --ckpt's DDIM grids for every "
-                                                   "schedule x W x eta below")),
+           ("--diagnostics", dict(action=NoTraining, nargs=0, default=False,
+                                  help="no training: the figures of --ckpt")),
+           ("--sweep", dict(action=NoTraining, nargs=0, default=False, help="no training: --ckpt's "
+                            "DDIM grids for every schedule x W x eta below")),
            ("--schedules", dict(nargs="+", default=["cosine"], help="noise schedules (--sweep)",
                                 choices=["linear", "cosine", "sigmoid"])),
            ("--sweep-cfg", dict(type=float, nargs="+", default=[0.0, 1.5, 3.0, 6.0, 9.0],
