@@ -9,10 +9,9 @@
     python celeba_crossattn.py --sample --fid 10000         # FID against the training images
     torchrun --nproc_per_node=4 celeba_crossattn.py         # several GPUs, DistributedDataParallel
 
-Follows seed 003, "Class Conditional Diffusion" (U-Net with a shared FiLM time projection,
-multi-hot attribute cross-attention at the bottleneck, cosine schedule, EMA, bf16) with the
-collection's shared command line (SPEC.md); it adds classifier-free guidance (--p-uncond 0 is the
-seed's setting).
+Follows seed 003, "Class Conditional Diffusion" (shared FiLM time projection, multi-hot attribute
+cross-attention at the bottleneck, cosine schedule, EMA, bf16) with the collection's shared command
+line (README), plus classifier-free guidance (--p-uncond 0 is the seed's setting).
 """
 import argparse
 import copy
@@ -252,47 +251,37 @@ META = dict(  # the facts of CelebA (get_data's meta; freq: before reading its a
 
 
 def get_data(config, split="train"):
-    """(data set of (uint8 [B, C, size, size] images, float conditions [B, n]) batches, meta):
-    CelebA's training partition with its 40 attributes (multi-hot; decoded lazily), CIFAR-10's or
-    MNIST's training set (--dataset) or --image-folder with one-hot classes. split="fid" is the
-    same set: FID compares with the training images."""
+    """(data set of (uint8 [B, C, size, size], conditions [B, n]) batches, meta), for every split:
+    CelebA's training partition (40 attributes), CIFAR-10 / MNIST (--dataset), --image-folder."""
     celeba = config["dataset"] == "celeba" and not config["image_folder"]
     size = config["size"] or (64 if celeba else 32)
     if size < 16:
         die(f"--size {size}: must be >= 16 (the U-Net halves it four times)")
-    meta = dict(META, kind="classes", size=size, fid_ref=f"{config['dataset']}-train")
+    folder = config["image_folder"] or celeba and config["image_dir"]  # no cached FID stats
+    meta = dict(META, kind="classes", size=size,
+                fid_ref="image-folder" if folder else f"{config['dataset']}-train")
     if config["image_folder"]:
         images, labels, meta["classes"] = image_folder(config["image_folder"], size, 3)
         data = TensorDataset(images, F.one_hot(labels, len(meta["classes"])).float())
-        meta["fid_ref"] = "image-folder"
     elif celeba:
-        meta["classes"], files, attrs = celeba_files(config)
-        data = Faces(files, attrs, size)
-        meta.update(kind="attrs", attr_file=os.path.abspath(attr_path(config)))
-        if config["image_dir"]:  # any folder: its FID statistics are not cached under a name
-            meta["fid_ref"] = "image-folder"
-    else:
-        data, meta["classes"] = torchvision_set(config["dataset"], config["data_dir"], size)
-        meta["channels"] = data.tensors[0].shape[1]
+        meta["classes"], data, attr_file = celeba_files(config, size)
+        meta.update(kind="attrs", attr_file=os.path.abspath(attr_file))
+    else:  # CIFAR-10 or MNIST
+        cifar, root = config["dataset"] == "cifar10", config["data_dir"]
+        files = "cifar-10-batches-py/" if cifar else "MNIST/raw/ (the four IDX files)"
+        cls = torchvision.datasets.CIFAR10 if cifar else torchvision.datasets.MNIST
+        ds = download_once(lambda: cls(root, train=True, download=True), f"put {files} in {root}")
+        x = torch.as_tensor(ds.data)
+        x = x.permute(0, 3, 1, 2) if cifar else x[:, None]  # CIFAR [N, H, W, C], MNIST [N, H, W]
+        if x.shape[-1] != size:
+            x = torchvision.transforms.functional.resize(x, [size, size], antialias=True)
+        y = F.one_hot(torch.as_tensor(ds.targets), len(ds.classes)).float()
+        data, meta["classes"] = TensorDataset(x.contiguous(), y), list(ds.classes)
+        meta["channels"] = x.shape[1]
     conds = data.conds if isinstance(data, Faces) else data.tensors[1]
     meta["freq"] = conds.mean(0).tolist()  # how often each attribute (class) is on: for sampling
     conditions(["all"], 1, meta, config)  # --toggle and --attrs-from fail now, not at step 2000
     return data, meta
-
-
-def torchvision_set(name, root, size):
-    """CIFAR-10's or MNIST's training set at size x size, one-hot labels, and the class names."""
-    cifar = name == "cifar10"
-    files = "cifar-10-batches-py/" if cifar else "MNIST/raw/ (the four IDX files)"
-    where = f"put {files} in {root}"
-    cls = torchvision.datasets.CIFAR10 if cifar else torchvision.datasets.MNIST
-    ds = download_once(lambda: cls(root, train=True, download=True), where)
-    x = torch.as_tensor(ds.data)
-    x = x.permute(0, 3, 1, 2) if cifar else x[:, None]  # CIFAR [N, H, W, C], MNIST [N, H, W]
-    if x.shape[-1] != size:
-        x = torchvision.transforms.functional.resize(x, [size, size], antialias=True)
-    y = F.one_hot(torch.as_tensor(ds.targets), len(ds.classes)).float()
-    return TensorDataset(x.contiguous(), y), list(ds.classes)
 
 
 def read_attr_file(path):
@@ -304,34 +293,25 @@ def read_attr_file(path):
     except (OSError, UnicodeDecodeError) as e:
         die(f"cannot read the attribute file {path} ({type(e).__name__})")
     if len(lines) < 2 or lines[0] != [str(len(lines) - 2)]:
-        die(f"{path}: malformed attribute file (line 1 must be the number of image rows that "
-            f"follow line 2)")
+        die(f"{path}: malformed attribute file (line 1 must count the image rows after line 2)")
     for i, row in enumerate(lines[2:]):
         if len(row) != len(lines[1]) + 1 or not set(row[1:]) <= {"1", "-1"}:
-            die(f"{path}: malformed attribute file at row {i + 3} (want a file name and "
-                f"{len(lines[1])} values 1/-1)")
+            die(f"{path}, at row {i + 3}: want a file name and {len(lines[1])} values 1/-1")
     attrs = torch.tensor([[v == "1" for v in row[1:]] for row in lines[2:]]).float()
     return lines[1], [row[0] for row in lines[2:]], attrs
 
 
-def attr_path(config):
-    return config["attr_file"] or os.path.join(config["data_dir"], "celeba", "list_attr_celeba.txt")
-
-
-def celeba_files(config):
-    """CelebA's layout under --data-dir/celeba (its training partition where
-    list_eval_partition.txt is), or CelebA-HQ through --image-dir and --attr-file -> attribute
-    names, image paths, attributes."""
+def celeba_files(config, size):
+    """--data-dir/celeba (the training partition if list_eval_partition.txt is there), or CelebA-HQ
+    by --image-dir and --attr-file -> attribute names, Faces data set, attribute file."""
     root = os.path.join(config["data_dir"], "celeba")
     image_dir = config["image_dir"] or os.path.join(root, "img_align_celeba")
-    attr_file = attr_path(config)
+    attr_file = config["attr_file"] or os.path.join(root, "list_attr_celeba.txt")
     where = f"put img_align_celeba/ and list_attr_celeba.txt in {root}"
     if config["download"] and not config["image_dir"]:
-        download_once(lambda: torchvision.datasets.CelebA(config["data_dir"], "all", "attr",
-                                                          download=True), where)
+        download_once(lambda: torchvision.datasets.CelebA(config["data_dir"], download=True), where)
     if not (os.path.isfile(attr_file) and os.path.isdir(image_dir)):
-        die(f"no CelebA at {image_dir} and {attr_file}: {where}, or pass --image-dir and "
-            f"--attr-file, or --download")
+        die(f"no {image_dir} and {attr_file}: {where}, or --download, or --image-dir/--attr-file")
     names, files, attrs = read_attr_file(attr_file)
     split = os.path.join(root, "list_eval_partition.txt")
     if not config["image_dir"] and os.path.isfile(split):  # partition 0 is the training set
@@ -341,16 +321,13 @@ def celeba_files(config):
         files, attrs = [files[i] for i in keep], attrs[keep]
     missing = sorted(set(files) - set(os.listdir(image_dir)))
     if missing:
-        die(f"{len(missing)} images listed in {attr_file} are missing from {image_dir}, e.g. "
-            f"{missing[0]}")
-    return names, [os.path.join(image_dir, name) for name in files], attrs
+        die(f"{image_dir} lacks {len(missing)} images of {attr_file}, e.g. {missing[0]}")
+    return names, Faces([os.path.join(image_dir, f) for f in files], attrs, size), attr_file
 
 
 class Faces(Dataset):
-    """Image files decoded when a batch asks for them (in the DataLoader's workers), resized and
-    centre-cropped: data[index tensor] -> (uint8 [B, 3, size, size], conditions [B, n]). A file that
-    does not decode is named once on stderr and the next readable image stands in for it, so one
-    damaged JPEG never stops a run (nor its --resume)."""
+    """data[index tensor] -> (uint8 [B, 3, size, size], conditions [B, n]), decoded in the loader's
+    workers; a damaged file is named once and the next readable one stands in (the run goes on)."""
 
     def __init__(self, files, conds, size):
         tf = torchvision.transforms
@@ -364,8 +341,7 @@ class Faces(Dataset):
         images, used = zip(*[self.read(i) for i in idx.tolist()])
         return torch.stack(images), self.conds[list(used)]
 
-    def read(self, i):
-        """(image i or the first readable one after it, its index)."""
+    def read(self, i):  # (image i or the first readable one after it, its index)
         for j in [(i + k) % len(self.files) for k in range(len(self.files))]:
             try:
                 with Image.open(self.files[j]) as im:
@@ -373,21 +349,16 @@ class Faces(Dataset):
             except (OSError, ValueError) as e:
                 if j not in self.bad:
                     self.bad.add(j)
-                    print(f"warning: skipping {self.files[j]}, not a readable image ({e})",
-                          file=sys.stderr)
+                    print(f"warning: skipping {self.files[j]}, unreadable ({e})", file=sys.stderr)
         die(f"none of the {len(self.files)} images is readable")
 
 
 def conditions(labels, per_label, meta, config):
-    """(cond, drop, row length) of --labels. Classes: label_conds as one-hot vectors. Attributes:
-    each word is a row, "Male,Smiling,-Eyeglasses": the named attributes on, -X off, the others
-    drawn with their training frequency from a fixed seed (the same draws in every row) or taken
-    from --attrs-from's row; "all" is the --toggle grid: that base row, then the same row with one
-    attribute flipped (c -> 1 - c) per row. per_label samples a row."""
-    names = meta["classes"]
+    """(cond, drop, row length) of --labels: one-hot classes; rows like "Male,-Bald" (-X off, others
+    from --attrs-from or drawn by frequency (--seed), alike in all rows); "all": --toggle grid."""
     if meta["kind"] == "classes":
         y, drop, nrow = label_conds(labels, per_label, meta, config["uncond"])
-        return F.one_hot(y, len(names)).float(), drop, nrow
+        return F.one_hot(y, len(meta["classes"])).float(), drop, nrow
     g = torch.Generator().manual_seed(config["seed"])
     base = torch.bernoulli(torch.tensor(meta["freq"]).expand(per_label, -1), generator=g)
     if config["attrs_from"]:
@@ -399,25 +370,22 @@ def conditions(labels, per_label, meta, config):
         base = attrs[files.index(name)].expand(per_label, -1)
     if config["uncond"]:  # an unconditional model: one row of null tokens
         return base, torch.ones(per_label, dtype=torch.bool), per_label
-    words = [w.strip() for w in labels]
-    if words == ["all"]:
-        cond = toggle_rows(base, config["toggle"], names)
+    if [w.strip() for w in labels] == ["all"]:
+        cond = toggle_rows(base, config["toggle"], meta["classes"])
     else:
-        cond = torch.cat([base] * len(words))
-        for i, w in enumerate(words):
+        cond = torch.cat([base] * len(labels))
+        for i, w in enumerate(labels):
             for s in filter(None, (s.strip() for s in w.split(","))):
-                j = attr_index(s.lstrip("+-"), names, "--labels")
+                j = attr_index(s.lstrip("+-"), meta["classes"], "--labels")
                 cond[i * per_label:(i + 1) * per_label, j] = float(s[0] != "-")
     return cond, torch.zeros(len(cond), dtype=torch.bool), per_label
 
 
 def toggle_rows(base, toggle, names):
     """base, then base with each --toggle attribute flipped (c -> 1 - c), a row each."""
-    rows = [base]
-    for s in toggle.split(","):
-        flip = torch.arange(len(names)) == attr_index(s.strip(), names, "--toggle")
-        rows.append(torch.where(flip, 1 - base, base))
-    return torch.cat(rows)
+    flips = [torch.arange(len(names)) == attr_index(s.strip(), names, "--toggle")
+             for s in toggle.split(",")]
+    return torch.cat([base] + [torch.where(flip, 1 - base, base) for flip in flips])
 
 
 def attr_index(name, names, flag):
@@ -531,9 +499,8 @@ def timestep_embedding(t, dim):
 
 
 class CondTokens(nn.Module):
-    """One token per attribute (or class), token_i = off_i + c_i * (on_i - off_i) for c in [0, 1]^n:
-    multi-hot attributes and one-hot classes give the same kind of sequence; rows with drop get the
-    learned null tokens (CFG's unconditional input)."""
+    """A token per attribute (or class), token_i = off_i + c_i * (on_i - off_i), c in [0, 1]^n;
+    rows with drop get the learned null tokens (CFG's unconditional input)."""
 
     def __init__(self, n, dim):
         super().__init__()
@@ -545,15 +512,12 @@ class CondTokens(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention of a feature map's pixels to themselves, or (with ctx_dim) to context
-    tokens, added residually: x + proj(softmax(q k^T / sqrt(d)) v)."""
+    """x + proj(softmax(q k^T / sqrt(d)) v), multi-head, over the pixels or (ctx_dim) the tokens."""
 
     def __init__(self, ch, ctx_dim=None, heads=4):
         super().__init__()
-        self.heads = heads
-        self.norm = nn.GroupNorm(8, ch)
-        self.q = nn.Conv2d(ch, ch, 1)
-        self.kv = nn.Linear(ctx_dim or ch, 2 * ch)
+        self.heads, self.norm = heads, nn.GroupNorm(8, ch)
+        self.q, self.kv = nn.Conv2d(ch, ch, 1), nn.Linear(ctx_dim or ch, 2 * ch)
         self.proj = nn.Conv2d(ch, ch, 1)
 
     def forward(self, x, ctx=None):
@@ -568,25 +532,21 @@ class Attention(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice; FiLM by the time, h = norm(h) * (1 + scale) + shift, where (scale,
-    shift) are the first cout channels of one projection shared by the whole U-Net (the seed's);
-    then self-attention where attn."""
+    """GroupNorm-SiLU-conv twice, FiLM h = norm(h) * (1 + scale) + shift between them (the first
+    cout channels of the U-Net's one time projection, the seed's); then self-attention if attn."""
 
     def __init__(self, cin, cout, dropout, attn=False):
         super().__init__()
-        self.cout = cout
-        self.norm1 = nn.GroupNorm(8, cin)
-        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2 = nn.GroupNorm(8, cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.norm1, self.conv1 = nn.GroupNorm(8, cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = nn.GroupNorm(8, cout), nn.Conv2d(cout, cout, 3, padding=1)
         self.dropout = nn.Dropout(dropout)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
         self.attn = Attention(cout) if attn else nn.Identity()
 
     def forward(self, x, film):
-        scale, shift = film
         h = self.conv1(F.silu(self.norm1(x)))
-        h = self.norm2(h) * (1 + scale[:, :self.cout]) + shift[:, :self.cout]
+        scale, shift = (f[:, :h.shape[1]] for f in film)  # the projection's first cout channels
+        h = self.norm2(h) * (1 + scale) + shift
         return self.attn(self.skip(x) + self.conv2(self.dropout(F.silu(h))))
 
 
@@ -597,29 +557,26 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
-    def forward(self, x, size):
-        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+    def forward(self, x, skip):
+        return self.conv(F.interpolate(x, size=skip.shape[-2:], mode="nearest"))
 
 
 class UNet(nn.Module):
-    """4 levels of `depth` residual blocks (self-attention in the two lower ones), strided-conv
-    downsampling to size/16; bottleneck: ResBlock, self-attention, cross-attention to the condition
-    tokens, ResBlock; the mirrored path up with concatenated skips."""
+    """4 levels of `depth` ResBlocks (self-attention in the lower two), strided convs to size/16;
+    ResBlock, self-, cross-attention to the tokens, ResBlock; the mirror image up, with skips."""
 
     def __init__(self, width=64, depth=2, n_cond=40, channels=3, dropout=0.0, mults=(1, 2, 2, 4)):
         super().__init__()
         chs, ctx_dim = [width * m for m in mults], 4 * width
-        self.width = width
-        self.film = nn.Sequential(nn.Linear(width, 4 * width), nn.SiLU(),
-                                  nn.Linear(4 * width, 2 * max(chs)))
+        self.width, self.film = width, nn.Sequential(nn.Linear(width, 4 * width), nn.SiLU(),
+                                                     nn.Linear(4 * width, 2 * max(chs)))
         self.tokens = CondTokens(n_cond, ctx_dim)
         self.stem = nn.Conv2d(channels, width, 3, padding=1)
-        self.down, skips, c = nn.ModuleList(), [], width
+        self.down, c = nn.ModuleList(), width
         for i, co in enumerate(chs):
             for _ in range(depth):
                 self.down.append(ResBlock(c, co, dropout, attn=i >= 2))
                 c = co
-                skips.append(c)
             self.down.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
         self.mid1, self.mid2 = ResBlock(c, c, dropout), ResBlock(c, c, dropout)
         self.self_attn, self.cross_attn = Attention(c), Attention(c, ctx_dim)
@@ -627,7 +584,7 @@ class UNet(nn.Module):
         for i, co in reversed(list(enumerate(chs))):
             self.up.append(Upsample(c))
             for _ in range(depth):
-                self.up.append(ResBlock(c + skips.pop(), co, dropout, attn=i >= 2))
+                self.up.append(ResBlock(c + co, co, dropout, attn=i >= 2))  # skip: co channels
                 c = co
         self.out = nn.Sequential(nn.GroupNorm(8, c), nn.SiLU(),
                                  nn.Conv2d(c, channels, 3, padding=1))
@@ -641,16 +598,12 @@ class UNet(nn.Module):
                 hs.append(h)
         h = self.self_attn(self.mid1(h, film))
         h = self.mid2(self.cross_attn(h, self.tokens(cond, drop)), film)
-        for m in self.up:
-            if isinstance(m, ResBlock):
-                h = m(torch.cat([h, hs.pop()], dim=1), film)
-            else:
-                h = m(h, hs[-1].shape[-2:])
+        for m in self.up:  # Upsample to the next skip's size, or ResBlock on [h, skip]
+            h = m(h, hs[-1]) if isinstance(m, Upsample) else m(torch.cat([h, hs.pop()], 1), film)
         return self.out(h)
 
 
 def build_model(config, meta):
-    """The network for a run's settings and its data's facts."""
     if config["width"] % 8:
         die(f"--width {config['width']}: must be a multiple of 8 (GroupNorm's 8 groups)")
     return UNet(config["width"], config["depth"], len(meta["classes"]), meta["channels"],
@@ -683,13 +636,11 @@ def q_sample(x0, t, noise, alphas_cumprod):
 
 
 def loss_target(x0, noise, abar):
-    """What the network learns to predict: the noise eps (Ho et al.)."""
-    return noise
+    return noise  # the network predicts the noise eps (Ho et al.)
 
 
 def eps_from_pred(pred, x, abar):
-    """The network's prediction as the noise eps that the samplers take: it is eps."""
-    return pred
+    return pred  # the samplers take eps: the prediction is eps
 
 
 def p_losses(model, x0, cond, alphas_cumprod, p_uncond, loss="mse", min_snr=0.0, t=None,
@@ -1403,22 +1354,20 @@ def main(argv=None):
 def toggles_figure(run, args):
     """--sample, attribute models: toggles.png, the first --labels row, then that row with each
     --toggle attribute flipped, every row from the same noise (the same faces); then samples.png."""
-    if run.meta["kind"] != "attrs" or run.config["uncond"]:
-        return False
-    config = dict(vars(args), uncond=False)
-    cond, _, nrow = conditions(args.labels, args.per_label, run.meta, config)
-    cond = toggle_rows(cond[:nrow], config["toggle"], run.meta["classes"])
-    with autocast(run.dtype, run.device):
-        x = generate(run.ema, cond, torch.zeros(len(cond), dtype=torch.bool), run.alphas_cumprod,
-                     run.shape, args.seed, **sampling(config), columns=nrow)
-    os.makedirs(args.out_dir, exist_ok=True)
-    save_grid(x, os.path.join(args.out_dir, "toggles.png"), nrow)
+    if run.meta["kind"] == "attrs" and not run.config["uncond"]:
+        config = dict(vars(args), uncond=False)
+        cond, _, nrow = conditions(args.labels, args.per_label, run.meta, config)
+        cond = toggle_rows(cond[:nrow], config["toggle"], run.meta["classes"])
+        with autocast(run.dtype, run.device):
+            x = generate(run.ema, cond, torch.zeros(len(cond), dtype=torch.bool),
+                         run.alphas_cumprod, run.shape, args.seed, **sampling(config), columns=nrow)
+        os.makedirs(args.out_dir, exist_ok=True)
+        save_grid(x, os.path.join(args.out_dir, "toggles.png"), nrow)
     return False
 
 
-EXTRAS.update(
-    spellings={"--attrs": "--labels", "--timesteps": "--steps", "--guidance_scale": "--cfg"},
-    sample=toggles_figure)
+EXTRAS.update(spellings={"--attrs": "--labels", "--timesteps": "--steps",
+                         "--guidance_scale": "--cfg"}, sample=toggles_figure)
 
 
 if __name__ == "__main__":
