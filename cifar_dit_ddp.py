@@ -42,6 +42,7 @@ if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 5):  # GQA atte
 # ----------------------------------------------------------------------------- config
 
 NAME = "cifar_dit_ddp"  # names the output folder; checkpoints record it
+NET = dict(predicts="eps", width="hidden size of the transformer", depth="transformer blocks")
 DEFAULTS = dict(  # this script's values of the flags whose defaults differ between the five scripts
     width=384, depth=12, dropout=0.0, steps=1000, schedule="linear", p_uncond=0.1, iters=62500,
     batch_size=32, lr=2e-4, lr_decay="none", warmup=500, weight_decay=0.0, ema=0.9999,
@@ -73,8 +74,7 @@ def die(msg):
 
 
 def get_args(argv=None):
-    """The collection's flags with this script's DEFAULTS, OWN_FLAGS and its source project's
-    spellings; a saved run's settings (--config, --resume) are defaults under the command line."""
+    """The flags with this script's DEFAULTS, OWN_FLAGS and source spellings, over a saved run's."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.error = die  # argparse's own errors in one line too
@@ -85,8 +85,8 @@ def get_args(argv=None):
     g.add_argument("--val-size", type=int, help="images held out for the validation loss, best.pt")
     g.add_argument("--workers", type=int, help="DataLoader processes that decode images")
     g = p.add_argument_group("model and diffusion")
-    g.add_argument("--width", type=int, help="base channels (U-Net) or hidden size (DiT)")
-    g.add_argument("--depth", type=int, help="blocks per resolution (U-Net) or in all (DiT)")
+    g.add_argument("--width", type=int, help=NET["width"])
+    g.add_argument("--depth", type=int, help=NET["depth"])
     g.add_argument("--dropout", type=float, help="dropout probability in the blocks")
     g.add_argument("--steps", type=int, help="diffusion timesteps T of the noise schedule")
     g.add_argument("--schedule", choices=["linear", "cosine", "sigmoid"], help="noise schedule")
@@ -158,10 +158,10 @@ def get_args(argv=None):
 def saved_settings(p, argv, args):
     """The command line over a saved run's settings: --config's (a new run like it) or --resume's
     (the run itself: only RESUMABLE may change), never KEEP_OUT; unknown ones warned and dropped."""
-    flag, source = "--config", args.config or os.path.join(args.out_dir, "ckpt.pt")
+    flag, source = "--config", args.config
     if args.resume:
-        flag, saved = "--resume", load_checkpoint(source, "cpu")["config"]
-        saved = fill_in(saved, vars(args), source)
+        flag, source = "--resume", os.path.join(args.out_dir, "ckpt.pt")
+        saved = fill_in(load_checkpoint(source, "cpu")["config"], vars(args), source)
     else:
         try:
             with open(source) as f:
@@ -665,8 +665,7 @@ def tracer(trace, rows=slice(None)):
 
 
 def label_conds(labels, per_label, meta, uncond):
-    """(labels, drop, row length) for --labels: class names or indices, 'uncond' (index
-    len(classes)), or 'all' (every class, then uncond), per_label of each; uncond models: uncond."""
+    """(labels, drop, row length) of --labels (names, indices, uncond, all), per_label a row."""
     classes = meta["classes"]
     words = [w.strip() for text in labels for w in text.split(",") if w.strip()]
     if uncond or words == ["all"]:
@@ -748,6 +747,8 @@ def load_checkpoint(path, device):
         die(f"{path} is not a readable checkpoint ({type(e).__name__})")
     if not isinstance(ck, dict) or ck.get("script") != NAME:
         die(f"{path} is not a checkpoint of {NAME}.py")
+    if ck.get("predicts", NET["predicts"]) != NET["predicts"]:  # the script changed since
+        die(f"{path}: its network predicts {ck['predicts']}, this script's {NET['predicts']}")
     return ck
 
 
@@ -759,8 +760,7 @@ def load_weights(module, state, path):
 
 
 def setup(name):
-    """The device (the best present unless named) and DistributedDataParallel: torchrun sets RANK,
-    LOCAL_RANK and WORLD_SIZE; NCCL on CUDA, gloo otherwise."""
+    """The device (the best present unless named), DDP when torchrun sets RANK: NCCL, CPU gloo."""
     present = dict(cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available(), cpu=True)
     name = name or next(k for k, ok in present.items() if ok)
     if not present[name]:
@@ -847,8 +847,7 @@ def new_run(config, meta, device, dtype):
 
 
 def build_run(args, device, rank, world):
-    """A run from the command line: data, model, EMA, optimizer, loss scaler, with --resume the
-    checkpoint's state. Nothing is written: a failed start changes nothing."""
+    """Data, model, EMA, optimizer, loss scaler, with --resume its state; writes nothing."""
     torch.manual_seed(args.seed + rank)  # each rank its own noise, timesteps, drops and flips
     data, meta = get_data(vars(args))
     run = new_run(vars(args), meta, device, amp_dtype(args.dtype, device))
@@ -1007,7 +1006,7 @@ def save_run(run, step, periodic, ddp, world, master):
     state = dict(script=NAME, model=run.model.state_dict(), ema=run.ema.state_dict(),
                  opt=run.opt.state_dict(), scaler=run.scaler.state_dict(), step=step, rng=rng,
                  config=run.config, meta=run.meta, best_val=run.best_val, extras=run.state,
-                 periodic=run.periodic)
+                 periodic=run.periodic, predicts=NET["predicts"])
     for name in ["ckpt.pt"] + ["best.pt"] * improved + [f"ckpt_{step}.pt"] * periodic:
         save_checkpoint(os.path.join(out, name), state)
     for s in drop:
@@ -1111,8 +1110,7 @@ def train(args, device, ddp, rank, world):
 # ----------------------------------------------------------------------------- entry points
 
 def load_run(path, device, dtype, today):
-    """A trained run from its checkpoint: the EMA model, built from the checkpoint's own config
-    (today's settings where it has none) and meta, with the run's noise schedule."""
+    """A checkpoint's EMA model, built from its config (today's where it lacks one) and meta."""
     ck = load_checkpoint(path, device)
     run = new_run(fill_in(ck["config"], today, path), ck["meta"], device, dtype)
     load_weights(run.ema, ck["ema"], path)
@@ -1163,13 +1161,15 @@ def run_fid(run, args, ref, rank, world, batch_size=250):
                 x = generate(run.ema, data[i][1], drop[:len(i)], run.alphas_cumprod, run.shape,
                              args.seed + 1 + int(i[0]), **sampling(vars(args)))
             yield ((x.float() + 1) * 127.5).round().byte()  # uint8, as the PNGs papers measure
-    # the TF graph's preprocessing (fid.py's mode "tf"): FID comparable with the papers' numbers
-    cache = f"fid_stats_{name}_{run.shape[-1]}px_{args.fid}_tf.npz"
-    cache = os.path.join(run.config["data_dir"], cache)
+    # the TF graph's preprocessing (fid.py's mode "tf"): FID comparable with the papers' numbers;
+    # the real statistics cached under a key of the reference images' bytes, n, mode and weights
     try:
+        key = fid.cache_key((data[i][0] for i in torch.arange(args.fid).split(batch_size)),
+                            args.fid, "tf", args.fid_weights)
+        cache = os.path.join(run.config["data_dir"], f"fid_stats_{name}_{key}.npz")
         res = fid.evaluate(fake(), (data[i][0] for i in mine), sum(map(len, mine)), mode="tf",
-                           cache=None if name == "image-folder" else cache, inception_score=True,
-                           weights=args.fid_weights, device=run.device)
+                           cache=cache, inception_score=True, weights=args.fid_weights,
+                           device=run.device)
     except (ValueError, RuntimeError, OSError) as e:
         die(f"--fid: {str(e).splitlines()[0]}")
     if rank == 0:

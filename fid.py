@@ -13,6 +13,7 @@ the command line takes an .npz without one (pytorch-fid's; TTUR's and ADM's refe
 which are tf) as --mode, with a warning.
 Follows mseitzer/pytorch-fid (network, weights) and openai/improved-gan (Inception Score)."""
 import argparse
+import hashlib
 import os
 import sys
 import warnings
@@ -233,6 +234,20 @@ def inception_score(logits, splits=10):
 
 
 _inception_score = inception_score  # evaluate's flag of the same name hides it there
+
+
+def cache_key(images, n, mode, weights):
+    """A name for the statistics of exactly these reference images (their bytes, in order), n, the
+    preprocessing mode and the Inception weights (a file's bytes): another data set, size or
+    weight file never meets statistics cached for the first."""
+    key = hashlib.sha256(f"{n} {mode} {FID_WEIGHTS_URL if weights == 'download' else ''}".encode())
+    for x in images:
+        key.update(torch.as_tensor(x).contiguous().cpu().numpy().tobytes())
+    if isinstance(weights, (str, os.PathLike)) and weights != "download":
+        with open(weights, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                key.update(block)
+    return key.hexdigest()[:16]
 
 
 def evaluate(fake, real, n, *, cache=None, inception_score=False, weights="download",

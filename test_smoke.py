@@ -299,6 +299,7 @@ def test_bad_input_is_one_line(trained, capsys, tmp_path):
     os.makedirs(tmp_path / "empty" / "a")
     os.makedirs(tmp_path / "linked")
     os.symlink(tmp_path / "a_file", tmp_path / "linked" / "log.jsonl")  # a write would leave
+    torch.save(dict(load(ckpt), predicts="x0"), tmp_path / "x0.pt")  # the script predicted x0
     cases = [(["--steps", 0], "--steps"), ([*sample, "--cfg", -1], "--cfg"),
              ([*sample, "--eta", 1.5], "--eta"), ([*train, "--lr", -1], "--lr"),
              ([*train, "--warmup", -1], "--warmup"), ([*train, "--log-every", 0], "--log-every"),
@@ -321,9 +322,14 @@ def test_bad_input_is_one_line(trained, capsys, tmp_path):
              ([*train, "--config", tmp_path / "other.json"], "--config"),
              ([*sample, "--fid", 100000, "--data-dir", trained.data], "--fid 100000"),
              ([*trained.base, "--resume", "--iters", 4], "already"),
-             ([*trained.base, "--resume", "--iters", 8, "--width", 64], "--width 64 is not")]
+             ([*trained.base, "--resume", "--iters", 8, "--width", 64], "--width 64 is not"),
+             ([*trained.base, "--resume", "--iters", 8, "--config", tmp_path / "bad.json"],
+              "unset with --resume"), ([*sample, "--ckpt", tmp_path / "x0.pt"], "predicts x0")]
     if not torch.cuda.is_available():
         cases.append(([*sample, "--device", "cuda"], "--device cuda"))
+    with pytest.raises(SystemExit):  # --help speaks of this script's model only
+        importlib.import_module(script).get_args(["--help"])
+    assert ("U-Net" if script == "cifar_dit_ddp" else "DiT") not in capsys.readouterr().out
     config = open(os.path.join(trained.out, "config.json")).read()
     for args, expected in cases:
         assert expected in assert_bad_input(capsys, script, *args), args
@@ -603,10 +609,10 @@ def test_a_non_finite_loss_stops_fp32_but_is_skipped_under_fp16(dtype, status, d
 
 
 def test_a_run_never_replaces_another_runs_files(data_dir, tmp_path, capsys):
-    """The OS lock on <out-dir>/lock refuses a second run while a process holds it; a lock file no
-    process holds (a crashed run's, from any host, any text) is free. A new run where a run's files
-    are needs --resume or --overwrite; --config carries settings, not the old run's folder (an
-    unknown setting is a warning); --keep removes only this run's ckpt_<step>.pt."""
+    """The OS lock refuses a second run, and a lock file no process holds is free. A new run where a
+    run is needs --resume or --overwrite; --config carries settings only (unknown ones: a warning);
+    --keep removes only this run's ckpt_<step>.pt. --resume takes the checkpoint's settings, refuses
+    a change of math or processes, and resumes an older script's checkpoint with today's value."""
     import mnist_ddpm as m
     args = [*base_args("mnist_ddpm", data_dir("mnist_ddpm")), "--out-dir", tmp_path,
             "--sample-every", 100]
@@ -627,16 +633,8 @@ def test_a_run_never_replaces_another_runs_files(data_dir, tmp_path, capsys):
     again = m.get_args(["--config", str(tmp_path / "old.json")])
     assert (again.out_dir, again.iters, again.keep) == ("out/mnist_ddpm", 3, 1)
     assert "retired_flag" in capsys.readouterr().err
-    assert run("mnist_ddpm", *args, "--iters", 1, "--overwrite") == 0
-    assert load(tmp_path / "ckpt.pt")["step"] == 1
-
-
-def test_resume_continues_the_saved_run(data_dir, tmp_path, capsys):
-    """--resume takes the checkpoint's settings and refuses a change to its math or its number of
-    processes; a checkpoint of an older script (without a setting) resumes with today's value."""
-    args = [*base_args("mnist_ddpm", data_dir("mnist_ddpm")), "--out-dir", tmp_path,
-            "--sample-every", 100, "--schedule", "linear", "--lr", "2e-3"]
-    assert run("mnist_ddpm", *args, "--iters", 2) == 0
+    assert run("mnist_ddpm", *args, "--iters", 2, "--overwrite", "--schedule", "linear",
+               "--lr", "2e-3") == 0
     resume = ["--out-dir", tmp_path, "--device", "cpu", "--resume", "--iters", 3]
     assert "--schedule cosine is not the run's linear" in assert_bad_input(
         capsys, "mnist_ddpm", *resume, "--schedule", "cosine")
@@ -694,8 +692,7 @@ def test_the_log_reads_as_one_run_after_a_crash(script, data_dir, tmp_path):
 
 def test_a_full_disk_keeps_the_previous_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
     """A full disk while saving, a read-only one while logging: one line, ckpt.pt of step 2 stays,
-    no temporary file or lock is left. A checkpoint reaches the disk (file, then folder) before it
-    replaces the last, through a temporary file of its own name."""
+    no temporary file or lock is left. A checkpoint is on the disk before it replaces the last."""
     import mnist_ddpm as m
     args = [*base_args("mnist_ddpm", data_dir("mnist_ddpm")), "--out-dir", tmp_path,
             "--sample-every", 100]
@@ -727,29 +724,24 @@ def test_a_full_disk_keeps_the_previous_checkpoint(data_dir, tmp_path, monkeypat
 
 def test_torchrun_bad_flag_and_sampling(data_dir, tmp_path):
     """Under torchrun a bad flag is one line (from each rank that prints before torchrun stops the
-    others), no traceback, and --sample writes its files from rank 0 only."""
+    others), no traceback; --sample writes its files from rank 0 only. Ranks started as a cluster
+    scheduler starts them (no torchrun to end the others): rank 0 finds --out-dir in use, and both
+    stop at once with its line (not rank 1 in a collective until a timeout, or a traceback)."""
+    import mnist_ddpm as m
     r = torchrun("mnist_ddpm", 2, "--steps", 0)
     assert r.stderr.count("error: --steps 0: must be > 0") >= 1 and r.returncode != 0
     assert "exitcode  : 2" in r.stderr and "mnist_ddpm.py\", line" not in r.stderr
-    out = str(tmp_path / "out")
-    assert run("mnist_ddpm", *base_args("mnist_ddpm", data_dir("mnist_ddpm")), "--out-dir", out,
-               "--iters", 1) == 0
+    out, args = str(tmp_path / "out"), base_args("mnist_ddpm", data_dir("mnist_ddpm"))
+    assert run("mnist_ddpm", *args, "--out-dir", out, "--iters", 1) == 0
     r = torchrun("mnist_ddpm", 2, "--sample", "--out-dir", out, "--per-label", 1, "--device", "cpu")
     assert r.returncode == 0 and r.stdout.count("wrote 11 samples") == 1, r.stderr[-2000:]
-
-
-def test_a_rank_that_cannot_start_stops_every_rank(data_dir, tmp_path):
-    """Two ranks started as a cluster's scheduler starts them (no torchrun to end the other one):
-    rank 0 finds --out-dir in use, and both stop at once with its one line, not rank 1 in a
-    collective until the process group's timeout (or with gloo's traceback)."""
-    import mnist_ddpm as m
-    held = m.lock(str(tmp_path), True)
+    held = m.lock(str(tmp_path / "locked"), True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]),
                    WORLD_SIZE="2", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, os.path.join(HERE, "mnist_ddpm.py"), "--out-dir", str(tmp_path),
-           *base_args("mnist_ddpm", data_dir("mnist_ddpm")), "--iters", "1"]
+    cmd = [sys.executable, os.path.join(HERE, "mnist_ddpm.py"), *args, "--out-dir", held.name[:-5],
+           "--iters", "1"]
     ranks = [subprocess.Popen(cmd, env=dict(env, RANK=r, LOCAL_RANK=r), stderr=subprocess.PIPE,
                               text=True) for r in "01"]
     errs = [p.communicate(timeout=120)[1].strip() for p in ranks]
@@ -1376,7 +1368,8 @@ def test_fid_network_layout_and_pytorch_fid(fid_weights, monkeypatch):
 
 def test_fid_evaluate_caches_by_mode(fid_weights, tmp_path, monkeypatch):
     """evaluate draws only the batches it needs; the .npz cache of the real statistics records n
-    and its mode, and is refused for another n or mode (or when it is cut short)."""
+    and its mode, and is refused for another n or mode (or when it is cut short). The scripts name
+    it by cache_key: one changed pixel of one reference image, and it is another file."""
     monkeypatch.setattr(fid, "frechet_distance", cheap_distance)
     drawn = []
 
@@ -1405,6 +1398,12 @@ def test_fid_evaluate_caches_by_mode(fid_weights, tmp_path, monkeypatch):
     (tmp_path / "bad.pth").write_bytes(b"not weights")
     with pytest.raises(RuntimeError, match="bad.pth: not the FID Inception's weights"):
         fid.inception_v3(str(tmp_path / "bad.pth"))
+    real = [fid_images(2, 20), fid_images(2, 21)]
+    key = fid.cache_key(real, 4, "tf", None)
+    assert key == fid.cache_key(iter(real), 4, "tf", None)  # the same images: the same file
+    assert key != fid.cache_key(real, 4, "tf", fid_weights)  # a weight file
+    real[1][0, 0, 0, 0] += 0.5  # one pixel of one reference image
+    assert key != fid.cache_key(real, 4, "tf", None)
 
 
 def fid_rank(rank, world, init, weights, out):
