@@ -58,6 +58,12 @@ def get_args(argv=None):
                         "score the samples with a digit classifier")
     g.add_argument("--data-dir", default="./data", help="MNIST (and the classifier's weights)")
     g.add_argument("--flags", default="", help="more mnist_ddpm.py flags, e.g. '--iters 3000'")
+    g = p.add_argument_group("--cifar-quality: issue 23's measure of cifar_cfg_unet.py on a CPU")
+    g.add_argument("--cifar-quality", action="store_true",
+                   help="time `cifar_cfg_unet.py --preset cpu` (+ --flags) and sampling 100 of "
+                        "each class; score the samples with a CIFAR-10 classifier")
+    g.add_argument("--cifar-images", help="CIFAR-10 as images, DIR/train/<class>, DIR/test/<class> "
+                                          "(default: torchvision's CIFAR-10 in --data-dir)")
     return p.parse_args(argv)
 
 
@@ -171,9 +177,9 @@ class DigitClassifier(nn.Module):
         return self.logits(f), f
 
 
-def mnist(data_dir, train):
+def mnist(bench, train):
     import torchvision  # the data sets as uint8 tensors [N, 1, 28, 28], labels
-    ds = torchvision.datasets.MNIST(data_dir, train=train, download=True)
+    ds = torchvision.datasets.MNIST(bench.data_dir, train=train, download=True)
     return ds.data[:, None], ds.targets
 
 
@@ -184,7 +190,7 @@ def classify(net, images):
     return torch.cat([o[0] for o in out]).argmax(1), torch.cat([o[1] for o in out]).double()
 
 
-def digit_classifier(data_dir):
+def digit_classifier(bench):
     """The classifier, trained once (4 epochs of Adam, 3-4 CPU minutes) and kept in
     out/mnist_classifier.pt (out of git), with its test accuracy."""
     path = os.path.join("out", "mnist_classifier.pt")
@@ -193,7 +199,7 @@ def digit_classifier(data_dir):
         state = torch.load(path, weights_only=True)
         net.load_state_dict(state["model"])
         return net.eval(), state["accuracy"]
-    (x, y), g = mnist(data_dir, True), torch.Generator().manual_seed(0)
+    (x, y), g = mnist(bench, True), torch.Generator().manual_seed(0)
     opt = torch.optim.Adam(net.parameters())
     for epoch in range(4):
         opt.param_groups[0]["lr"] = 1e-3 / 3 ** epoch  # the last epochs settle: 99 % or more
@@ -202,11 +208,96 @@ def digit_classifier(data_dir):
             opt.zero_grad()
             loss.backward()
             opt.step()
-    xt, yt = mnist(data_dir, False)
+    xt, yt = mnist(bench, False)
     accuracy = (classify(net.eval(), xt)[0] == yt).float().mean().item()
     os.makedirs("out", exist_ok=True)
     torch.save(dict(model=net.state_dict(), accuracy=accuracy), path)
     return net, accuracy
+
+
+def conv_bn(ci, co):
+    return nn.Sequential(nn.Conv2d(ci, co, 3, padding=1, bias=False), nn.BatchNorm2d(co), nn.ReLU())
+
+
+class Residual(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.body = nn.Sequential(conv_bn(c, c), conv_bn(c, c))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class CifarClassifier(nn.Module):
+    """ResNet-9's layout (as in fast CIFAR-10 training) at a quarter of its width: conv, then per
+    level conv, max-pool, residual block; the pooled 256-d features, whose statistics the Frechet
+    distance compares, and the 10 logits."""
+
+    def __init__(self, w=32):
+        super().__init__()
+        self.convs = nn.Sequential(conv_bn(3, w), conv_bn(w, 2 * w), nn.MaxPool2d(2),
+                                   Residual(2 * w), conv_bn(2 * w, 4 * w), nn.MaxPool2d(2),
+                                   conv_bn(4 * w, 8 * w), nn.MaxPool2d(2), Residual(8 * w),
+                                   nn.AdaptiveMaxPool2d(1), nn.Flatten())
+        self.logits = nn.Linear(8 * w, 10)
+
+    def forward(self, x):  # uint8 [B, 3, 32, 32] -> (logits, features)
+        f = self.convs(x.float() / 127.5 - 1)
+        return self.logits(f) * 0.125, f
+
+
+def cifar(bench, train):
+    """CIFAR-10's training or test set as uint8 [N, 3, 32, 32] and labels: --cifar-images' folders
+    (read once, kept in out/), else torchvision's (downloaded into --data-dir)."""
+    import torchvision
+    if not bench.cifar_images:
+        ds = torchvision.datasets.CIFAR10(bench.data_dir, train=train, download=True)
+        return torch.as_tensor(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)
+    path = os.path.join("out", f"cifar_images_{'train' if train else 'test'}.pt")
+    if not os.path.exists(path):
+        ds = torchvision.datasets.ImageFolder(os.path.join(bench.cifar_images,
+                                                           "train" if train else "test"))
+        x = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1)
+                         for f, _ in ds.samples])
+        os.makedirs("out", exist_ok=True)
+        torch.save((x, torch.tensor(ds.targets)), path)
+    return torch.load(path, weights_only=True)
+
+
+def cifar_classifier(bench, epochs=6):
+    """The classifier, trained once (SGD with Nesterov momentum, a one-cycle learning rate, random
+    crops and flips, label smoothing) and kept in out/cifar_classifier.pt, with its accuracy."""
+    path = os.path.join("out", "cifar_classifier.pt")
+    net = CifarClassifier()
+    if os.path.exists(path):
+        state = torch.load(path, weights_only=True)
+        net.load_state_dict(state["model"])
+        return net.eval(), state["accuracy"]
+    (x, y), g = cifar(bench, True), torch.Generator().manual_seed(0)
+    opt = torch.optim.SGD(net.parameters(), lr=0.2, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    steps = epochs * (len(x) // 256)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 0.2, total_steps=steps, pct_start=0.25)
+    for epoch in range(epochs):
+        for idx in torch.randperm(len(x), generator=g)[:steps // epochs * 256].split(256):
+            xb = F.pad(x[idx], (4, 4, 4, 4), mode="reflect")  # random 32x32 crops, flips
+            i, j = torch.randint(0, 9, (2,), generator=g).tolist()
+            xb = xb[:, :, i:i + 32, j:j + 32]
+            xb = torch.where(torch.rand(len(xb), 1, 1, 1, generator=g) < 0.5, xb.flip(3), xb)
+            loss = F.cross_entropy(net(xb)[0], y[idx], label_smoothing=0.1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        print(f"classifier epoch {epoch + 1}/{epochs}, loss {loss.item():.3f}", flush=True)
+    xt, yt = cifar(bench, False)
+    accuracy = (classify(net.eval(), xt)[0] == yt).float().mean().item()
+    os.makedirs("out", exist_ok=True)
+    torch.save(dict(model=net.state_dict(), accuracy=accuracy), path)
+    return net, accuracy
+
+
+QUALITY = dict(  # the measured script -> its classifier, its data set, the classifier's goal
+    mnist_ddpm=(digit_classifier, mnist, 0.99), cifar_cfg_unet=(cifar_classifier, cifar, 0.85))
 
 
 def frechet(f1, f2):
@@ -215,44 +306,51 @@ def frechet(f1, f2):
     return fid.frechet_distance(*stats[0], *stats[1])
 
 
-def read_grid(path, rows, cols, size=28):
-    """The uint8 images [rows * cols, 1, size, size] of a save_grid PNG (1 px padding), by rows."""
+def read_grid(path, rows, cols, size=28, channels=1):
+    """The uint8 images [rows * cols, channels, size, size] of a save_grid PNG (1 px padding)."""
     with Image.open(path) as im:
-        grid = torch.from_numpy(np.array(im.convert("L")))
-    step = size + 1
-    return torch.stack([grid[1 + step * r:step * (r + 1), 1 + step * c:step * (c + 1)]
-                        for r in range(rows) for c in range(cols)])[:, None]
+        grid = torch.from_numpy(np.array(im.convert("L" if channels == 1 else "RGB")))
+    grid, step = grid.view(*grid.shape[:2], -1).permute(2, 0, 1), size + 1  # [C, H, W]
+    return torch.stack([grid[:, 1 + step * r:step * (r + 1), 1 + step * c:step * (c + 1)]
+                        for r in range(rows) for c in range(cols)])
 
 
-def mnist_quality(bench):
-    """Issue 16's measure: `python mnist_ddpm.py` with its defaults (and --flags), timed; then
-    `--sample` of 100 of each digit with the default sampler and guidance, timed; the classifier's
-    agreement with the intended digit, and the Frechet distance of its features of the 1,000
-    samples to those of the 10,000 test images, beside that of 1,000 real training images."""
-    net, accuracy = digit_classifier(bench.data_dir)
-    if accuracy < 0.99:  # the measure asks for a classifier of 99 % or more
-        print(f"warning: the digit classifier reaches {accuracy:.2%} on the test set, under 99 %; "
-              f"delete out/mnist_classifier.pt to train it again", file=sys.stderr)
-    out = os.path.join("out", "mnist_quality")
+def quality(bench, name):
+    """Issues 16 and 23's measure: the script's command (mnist_ddpm.py's defaults, cifar_cfg_unet.py
+    --preset cpu; + --flags), timed; then `--sample` of 100 of each class with its sampler and
+    guidance, timed; a classifier's agreement with the intended class, and the Frechet distance of
+    its features of the 1,000 samples to those of the test images, beside 1,000 real training
+    images'."""
+    classifier, data, goal = QUALITY[name]
+    net, accuracy = classifier(bench)
+    if accuracy < goal:
+        print(f"warning: the classifier reaches {accuracy:.2%} on the test set, under {goal:.0%}; "
+              f"delete out/*_classifier.pt to train it again", file=sys.stderr)
+    out = os.path.join("out", f"{name}_quality")
     shutil.rmtree(out, ignore_errors=True)  # a fresh run
     script = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                           "mnist_ddpm.py"), "--out-dir", out]
-    seconds = {}
-    flags = ["--data-dir", bench.data_dir, *shlex.split(bench.flags)]  # sampling takes its own
+                                           name + ".py"), "--out-dir", out]
+    source = ["--data-dir", bench.data_dir]
+    if name == "cifar_cfg_unet" and bench.cifar_images:
+        source = ["--image-folder", os.path.join(bench.cifar_images, "train")]
+    if name == "cifar_cfg_unet":
+        source = ["--preset", "cpu", *source]
+    flags, seconds = [*source, *shlex.split(bench.flags)], {}  # sampling takes its own
     for part, args in (("train", flags), ("sample", ["--sample", "--labels", ",".join("0123456789"),
                                                      "--per-label", "100", "--seed", "1", *flags])):
         t = time.time()
         subprocess.run(script + args, check=True, stdout=subprocess.DEVNULL)
         seconds[part] = time.time() - t
-    digits, f_fake = classify(net, read_grid(os.path.join(out, "samples.png"), 10, 100))
-    xt, _ = mnist(bench.data_dir, False)
-    xr, _ = mnist(bench.data_dir, True)
+    (xt, _), (xr, _) = data(bench, False), data(bench, True)
+    samples = read_grid(os.path.join(out, "samples.png"), 10, 100, xt.shape[-1], xt.shape[1])
+    labels, f_fake = classify(net, samples)
     f_test = classify(net, xt)[1]
     real = xr[torch.randperm(len(xr), generator=torch.Generator().manual_seed(0))[:1000]]
     config = json.load(open(os.path.join(out, "config.json")))
-    row = dict(flags=bench.flags, iters=config["iters"], batch_size=config["batch_size"],
-               width=config["width"], train_s=seconds["train"], sample_s=seconds["sample"],
-               agreement=(digits == torch.arange(10).repeat_interleave(100)).float().mean().item(),
+    row = dict(script=name, flags=bench.flags, iters=config["iters"],
+               batch_size=config["batch_size"], width=config["width"], train_s=seconds["train"],
+               sample_s=seconds["sample"],
+               agreement=(labels == torch.arange(10).repeat_interleave(100)).float().mean().item(),
                fd_samples=frechet(f_fake, f_test), fd_real_1000=frechet(classify(net, real)[1],
                                                                       f_test),
                classifier_test_accuracy=accuracy, machine=machine(torch.device("cpu")))
@@ -263,8 +361,8 @@ def mnist_quality(bench):
 
 def main(argv=None):
     bench = get_args(argv)
-    if bench.mnist_quality:
-        return mnist_quality(bench)
+    if bench.mnist_quality or bench.cifar_quality:
+        return quality(bench, "mnist_ddpm" if bench.mnist_quality else "cifar_cfg_unet")
     device = torch.device(bench.device)
     dtype = importlib.import_module("mnist_ddpm").amp_dtype(bench.dtype, device)
     peak = matmul_peak(device, dtype)

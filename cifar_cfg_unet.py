@@ -2,6 +2,7 @@
 CIFAR-10 (or a plain DDPM with --uncond), with the seed's train/validation/test loss history.
 
     python cifar_cfg_unet.py                               # train; CIFAR-10 is downloaded to ./data
+    python cifar_cfg_unet.py --preset cpu                  # a laptop CPU: 4,000 steps, 30 minutes
     python cifar_cfg_unet.py --uncond                      # plain DDPM, no labels
     python cifar_cfg_unet.py --sample --labels cat,ship    # sample from out/cifar_cfg_unet/ckpt.pt
     python cifar_cfg_unet.py --sample --cfg-sweep 0,3,7    # the same seeds at several guidances
@@ -48,10 +49,18 @@ DEFAULTS = dict(  # this script's values of the flags whose defaults differ betw
     val_size=5000, workers=0, log_every=100, sample_every=5000, ckpt_every=1000, cfg=3.0,
     # 70,000 steps: about 200 epochs of 351 steps
     per_label=10, sampler="ddim", sample_steps=50, eta=0.0)
-PRESETS = {}  # --preset NAME: other defaults (none in this script)
+PRESETS = dict(  # --preset NAME: other defaults (the command line and --config still win)
+    gpu={}, cpu=dict(patch=2, width=64, depth=1, mults="1,2,2", attn_res=8, dropout=0.0,
+                     iters=4000, batch_size=32, lr=1e-3, lr_decay="cosine", warmup=100, ema=0.999,
+                     min_snr=5.0, val_size=0, log_every=50, sample_every=4000, ckpt_every=500,
+                     sampler="dpmpp", sample_steps=10))  # 2x2 patches: 16 -> 8 -> 4 pixels
 OWN_FLAGS = [  # this script's flags beyond the collection's: (flag, argparse keywords)
+    ("--preset", dict(choices=sorted(PRESETS), default="gpu",
+                      help="gpu: the seed's recipe (days on a CPU); cpu: a 5M-parameter U-Net on "
+                           "2x2 patches, 4,000 steps of 32 (about 30 minutes on 2 CPU cores)")),
     ("--mults", dict(default="1,2,2,2", help="channel multipliers, a level each (seed: 1,2,4)")),
-    ("--attn-res", dict(type=int, default=16, help="self-attention at this many pixels and less"))]
+    ("--attn-res", dict(type=int, default=16, help="self-attention at this many pixels and less")),
+    ("--patch", dict(type=int, default=1, help="the U-Net sees p x p pixels as one (32/p pixels)"))]
 SPLIT_SEED = 42  # the fixed order of the training images: which 5,000 are held out
 EXTRAS = {}  # the source project's extras register here (last section); the rest runs without them
 # a run's own names, never carried over (KEEP_OUT); what --resume may change, not the run's math
@@ -416,9 +425,11 @@ class UNet(nn.Module):
     """32 -> 16 -> 8 -> 4 U-Net (a level per multiplier), skips concatenated, self-attention at
     attn_res pixels and below and in the middle. The class (row n_classes: the learned null class
     of CFG) goes through a 128-d embedding and an MLP, is added to the time embedding, and reaches
-    every ResBlock through its FiLM scale and shift."""
+    every ResBlock through its FiLM scale and shift. With patch p the network sees p x p pixels
+    as p^2 channels (PixelUnshuffle), p^2 times fewer FLOPs on each level."""
 
-    def __init__(self, width, depth, mults, attn_res, n_classes, dropout, size=32, channels=3):
+    def __init__(self, width, depth, mults, attn_res, n_classes, dropout, size=32, channels=3,
+                 patch=1):
         super().__init__()
         emb_dim, chs = 4 * width, [width * m for m in mults]
         self.width, self.null = width, n_classes
@@ -426,8 +437,9 @@ class UNet(nn.Module):
                                       nn.Linear(emb_dim, emb_dim))
         self.label_emb = nn.Sequential(nn.Embedding(n_classes + 1, 128), nn.Linear(128, emb_dim),
                                        nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.stem = nn.Conv2d(channels, width, 3, padding=1)
-        self.down, skips, c, res = nn.ModuleList(), [width], width, size
+        self.unshuffle, self.shuffle = nn.PixelUnshuffle(patch), nn.PixelShuffle(patch)
+        self.stem = nn.Conv2d(channels * patch ** 2, width, 3, padding=1)
+        self.down, skips, c, res = nn.ModuleList(), [width], width, size // patch
         for i, co in enumerate(chs):  # every output is a skip, taken in reverse order by self.up
             for _ in range(depth):
                 self.down.append(ResBlock(c, co, emb_dim, dropout, res <= attn_res))
@@ -449,12 +461,12 @@ class UNet(nn.Module):
                                              nn.Conv2d(c, c, 3, padding=1)))
                 res *= 2
         self.out = nn.Sequential(nn.GroupNorm(8, c), nn.SiLU(),
-                                 nn.Conv2d(c, channels, 3, padding=1))
+                                 nn.Conv2d(c, channels * patch ** 2, 3, padding=1))
 
     def forward(self, x, t, y, drop):
         y = torch.where(drop, self.null, y)  # the null class where the condition is dropped
         emb = self.time_mlp(timestep_embedding(t, self.width)) + self.label_emb(y)
-        h = self.stem(x)
+        h = self.stem(self.unshuffle(x))
         hs = [h]
         for m in self.down:
             h = m(h, emb) if isinstance(m, ResBlock) else m(h)
@@ -463,7 +475,7 @@ class UNet(nn.Module):
             h = m(h, emb)
         for m in self.up:
             h = m(torch.cat([h, hs.pop()], dim=1), emb) if isinstance(m, ResBlock) else m(h)
-        return self.out(h)
+        return self.shuffle(self.out(h))
 
 
 def build_model(config, meta):
@@ -474,12 +486,13 @@ def build_model(config, meta):
         mults = [0]
     if min(mults) < 1:
         die(f"--mults {config['mults']}: must be positive integers, e.g. 1,2,2,2")
-    if meta["size"] % 2 ** (len(mults) - 1):
-        die(f"--mults {config['mults']}: {len(mults)} levels halve {meta['size']} pixels too often")
+    if config["patch"] < 1 or meta["size"] % (config["patch"] * 2 ** (len(mults) - 1)):
+        die(f"--patch {config['patch']} --mults {config['mults']}: {meta['size']} pixels must "
+            f"halve evenly at every level")
     if config["width"] % 8:
         die(f"--width {config['width']}: must be a multiple of 8 (GroupNorm's 8 groups)")
     return UNet(config["width"], config["depth"], mults, config["attn_res"], len(meta["classes"]),
-                config["dropout"], meta["size"], meta["channels"])
+                config["dropout"], meta["size"], meta["channels"], config["patch"])
 
 
 # ----------------------------------------------------------------------------- diffusion
@@ -1231,6 +1244,8 @@ HISTORY = ("train_loss", "val_loss", "test_loss", "epochs")  # loss_history.json
 def logged_loss(out_dir, start, end):
     """The mean training loss of steps start+1..end as log.jsonl has it: each line's mean weighted
     by its steps in that range (exact when --log-every divides the range; None: no line there)."""
+    if not os.path.exists(os.path.join(out_dir, "log.jsonl")):
+        return None  # an epoch shorter than --log-every: no line yet
     with open(os.path.join(out_dir, "log.jsonl")) as f:
         records = [r for r in map(json.loads, f) if "loss" in r]
     total, n, prev = 0.0, 0, 0
@@ -1269,8 +1284,16 @@ def loss_history(run, step):
 
 
 def seed_train(run, step):
-    """The loss history; at the end, with --run-name, the seed's layout: models/NAME/ckpt.pt."""
+    """The loss history; on a CPU without --preset cpu, after 10 steps, how long the run will take;
+    at the end, with --run-name, the seed's layout: models/NAME/ckpt.pt."""
     loss_history(run, step)
+    if not hasattr(run, "started"):
+        run.started = step, time.time()
+    elif step == run.started[0] + 10 and run.device.type == "cpu" and run.config["preset"] != "cpu":
+        left = (time.time() - run.started[1]) / 10 * (run.total - step)
+        when = f"{left / 3600:.1f} hours" if left > 3600 else f"{left / 60:.0f} minutes"
+        tqdm.write(f"note: at this speed the run takes {when} more on this CPU; --preset cpu "
+                   f"trains a smaller model in about 30 minutes")
     if run.config["run_name"] and step == run.total:
         path = os.path.join("models", run.config["run_name"], "ckpt.pt")
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -106,9 +106,8 @@ CELEBA_NAMES = ["Male", "Smiling", "Eyeglasses", "Blond_Hair", "Young", "Heavy_M
 
 
 def make_celeba(root, n=12, rows=None):
-    """CelebA's layout: celeba/img_align_celeba/<6 digits>.jpg (178x218 as the real crops) and
-    celeba/list_attr_celeba.txt (the count, 40 names, a row of 1/-1 per image); `rows` replaces the
-    attribute rows."""
+    """CelebA's layout: celeba/img_align_celeba/<6 digits>.jpg (178x218 as the real crops), and
+    celeba/list_attr_celeba.txt (count, 40 names, rows of 1/-1); `rows` replaces the rows."""
     folder = os.path.join(root, "celeba", "img_align_celeba")
     os.makedirs(folder, exist_ok=True)
     x, _ = pattern_images(n, 1, 218, 3)
@@ -339,9 +338,8 @@ def test_bad_input_is_one_line(trained, capsys, tmp_path):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_torchrun_with_two_ranks(script, tmp_path):
-    """Two gloo processes, 2 accumulated micro-batches a step: the global batch is printed once,
-    rank 0 alone writes, each rank keeps its own random stream in the checkpoint, and both ranks
-    end with the weights rank 0 saved."""
+    """Two gloo processes, 2 micro-batches a step: the global batch printed once, rank 0 alone
+    writes, each rank's random stream kept, and both ranks end with the weights rank 0 saved."""
     folder, out, ranks = make_image_folder(str(tmp_path / "imgs")), tmp_path / "out", tmp_path / "r"
     (tmp_path / "ranks.py").write_text(textwrap.dedent(f"""\
         import os, sys, torch
@@ -524,9 +522,8 @@ def test_schedules_stay_in_range(T):
 
 
 def test_denoiser_guides_and_clips():
-    """Guidance is eps_u + w (eps_c - eps_u) in one doubled batch (rows to drop stay
-    unconditional), and the implied clean image is clipped: near t = T an eps error of 0.01 would
-    otherwise reach the samples multiplied by 1/sqrt(abar)."""
+    """Guidance is eps_u + w (eps_c - eps_u) in one doubled batch (dropped rows unconditional),
+    and the implied clean image is clipped: near t = T an eps error grows by 1/sqrt(abar)."""
     import mnist_ddpm as m
     calls = []
 
@@ -609,10 +606,9 @@ def test_a_non_finite_loss_stops_fp32_but_is_skipped_under_fp16(dtype, status, d
 
 
 def test_a_run_never_replaces_another_runs_files(data_dir, tmp_path, capsys):
-    """The OS lock refuses a second run, and a lock file no process holds is free. A new run where a
-    run is needs --resume or --overwrite; --config carries settings only (unknown ones: a warning);
-    --keep removes only this run's ckpt_<step>.pt. --resume takes the checkpoint's settings, refuses
-    a change of math or processes, and resumes an older script's checkpoint with today's value."""
+    """The OS lock refuses a second run; an unheld lock file is free. A new run where a run is needs
+    --resume or --overwrite; --config carries settings (unknown: a warning); --keep removes this
+    run's ckpt_<step>.pt only. --resume: the checkpoint's settings, an older one's with today's."""
     import mnist_ddpm as m
     args = [*base_args("mnist_ddpm", data_dir("mnist_ddpm")), "--out-dir", tmp_path,
             "--sample-every", 100]
@@ -677,9 +673,8 @@ def test_image_folder_reads_every_mode_and_skips_hidden_files(tmp_path, capsys, 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_the_log_reads_as_one_run_after_a_crash(script, data_dir, tmp_path):
-    """A crash after step 3 with the last checkpoint at step 2 (here: ckpt_2.pt put back as
-    ckpt.pt): --resume trains steps 3 and 4 again, and log.jsonl has each step once. Periodic
-    checkpoints need not be a multiple of --ckpt-every."""
+    """A crash after step 3, the last checkpoint at step 2 (ckpt_2.pt put back): --resume trains
+    steps 3 and 4 again, logged once each. Periodic checkpoints need not divide --ckpt-every."""
     out = str(tmp_path)
     args = [*base_args(script, data_dir(script)), "--out-dir", out, "--ckpt-every", 3,
             "--save-every", 2, "--sample-every", 100]
@@ -723,9 +718,8 @@ def test_a_full_disk_keeps_the_previous_checkpoint(data_dir, tmp_path, monkeypat
 
 
 def test_torchrun_bad_flag_and_sampling(data_dir, tmp_path):
-    """Under torchrun a bad flag is one line (from each rank that prints before torchrun stops the
-    others), no traceback; --sample writes its files from rank 0 only. Ranks started as a cluster
-    scheduler starts them (no torchrun to end the others): rank 0 finds --out-dir in use, and both
+    """Under torchrun a bad flag is one line, no traceback; --sample writes from rank 0 only. Ranks
+    started without torchrun (as by a cluster scheduler): rank 0 finds --out-dir in use, and both
     stop at once with its line (not rank 1 in a collective until a timeout, or a traceback)."""
     import mnist_ddpm as m
     r = torchrun("mnist_ddpm", 2, "--steps", 0)
@@ -799,9 +793,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("dtype", ["auto", "fp16", "bf16"])
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_gpu_trains_resumes_samples_and_measures(script, dtype, data_dir, tmp_path, monkeypatch):
-    """On a GPU, with each autocast dtype it computes in: train, resume (the CPU and GPU random
-    streams restored: equal to a straight run up to the GPU's non-deterministic sums), every
-    sampler, --fid with stand-in Inception weights."""
+    """On a GPU, each autocast dtype it computes in: train, resume (equal to a straight run up to
+    the GPU's non-deterministic sums), every sampler, --fid with stand-in Inception weights."""
     if dtype == "bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
@@ -904,20 +897,24 @@ def test_mnist_patch_unet_keeps_28_pixels_and_refuses_uneven_levels(data_dir, tm
         assert f"{args[0]} {args[1]}" in assert_bad_input(capsys, "mnist_ddpm", *train, *args)
 
 
-def test_mnist_gpu_preset_is_the_spelled_out_gpu_command(tmp_path, capsys):
-    """--preset gpu is the README's GPU command in one flag; the command line and a --config run
-    win over it; an unknown preset is a one-line error."""
-    import mnist_ddpm as m
-    spelled = ["--patch", "1", "--mults", "1,2,2", "--depth", "2", "--batch-size", "64", "--iters",
-               "5000", "--lr", "3e-3", "--min-snr", "0", "--cfg", "1.9"]
-    gpu = vars(m.get_args(["--preset", "gpu"]))
-    assert gpu == dict(vars(m.get_args(spelled)), preset="gpu")
-    assert m.get_args(["--preset", "gpu", "--iters", "7"]).iters == 7
-    config = tmp_path / "config.json"
-    config.write_text(json.dumps(dict(gpu, iters=9)))  # a gpu-preset run of 9 steps
-    again = vars(m.get_args(["--config", str(config)]))
-    assert (again["iters"], again["patch"], again["preset"]) == (9, 1, "gpu")
-    assert "--preset" in assert_bad_input(capsys, "mnist_ddpm", "--preset", "tpu")
+@pytest.mark.parametrize("script,preset,spelled", [
+    ("mnist_ddpm", "gpu", "--patch 1 --mults 1,2,2 --depth 2 --batch-size 64 --iters 5000 "
+     "--lr 3e-3 --min-snr 0 --cfg 1.9"),
+    ("cifar_cfg_unet", "cpu", "--patch 2 --width 64 --depth 1 --mults 1,2,2 --attn-res 8 "
+     "--dropout 0 --iters 4000 --batch-size 32 --lr 1e-3 --lr-decay cosine --warmup 100 --ema "
+     "0.999 --min-snr 5 --val-size 0 --log-every 50 --sample-every 4000 --ckpt-every 500 "
+     "--sampler dpmpp --sample-steps 10")])
+def test_preset_is_the_spelled_out_command(script, preset, spelled, tmp_path, capsys):
+    """--preset is the README's command in one flag; the command line and a --config run win over
+    it; an unknown preset is a one-line error."""
+    m = importlib.import_module(script)
+    chosen = vars(m.get_args(["--preset", preset]))
+    assert chosen == dict(vars(m.get_args(spelled.split())), preset=preset)
+    assert m.get_args(["--preset", preset, "--iters", "7"]).iters == 7
+    (tmp_path / "c.json").write_text(json.dumps(dict(chosen, iters=9)))  # a preset run, 9 steps
+    again = vars(m.get_args(["--config", str(tmp_path / "c.json")]))
+    assert (again["iters"], again["patch"], again["preset"]) == (9, chosen["patch"], preset)
+    assert "--preset" in assert_bad_input(capsys, script, "--preset", "tpu")
 
 
 # ----------------------------------------------------------------------------- cifar_cfg_unet.py
@@ -960,9 +957,9 @@ def test_cifar_film_conditioning_conditions():
     assert (nearest == y).sum() >= 14, nearest  # a label-blind model: 8 of 16 on average
 
 
-def test_cifar_seed_workflows_and_cfg_sweep(data_dir, tmp_path, monkeypatch):
-    """Seed 001's example workflows as written (--epochs 1, a tiny model); --run_name keeps its
-    checkpoint at models/NAME/ckpt.pt. --cfg-sweep's W=1 row is plain --sample --cfg 1."""
+def test_cifar_seed_workflows_and_cfg_sweep(data_dir, tmp_path, monkeypatch, capsys):
+    """Seed 001's workflows as written (a tiny model), --run_name's models/NAME/ckpt.pt; the W=1
+    row of --cfg-sweep is --cfg 1. Without --preset cpu, a CPU run says how long it takes."""
     monkeypatch.chdir(tmp_path)
     tiny = [*base_args("cifar_cfg_unet", data_dir("cifar_cfg_unet")), "--limit", 16,
             "--sample-every", 100]
@@ -988,6 +985,9 @@ def test_cifar_seed_workflows_and_cfg_sweep(data_dir, tmp_path, monkeypatch):
     assert sweep.shape[:2] == grid_size(3, 3, 32)[::-1]
     assert all(np.array_equal(sweep[34:66, 1 + 33 * c:33 + 33 * c], plain[1 + 33 * c:33 + 33 * c,
                                                                           1:33]) for c in range(3))
+    capsys.readouterr()
+    assert run("cifar_cfg_unet", *tiny, "--iters", 11, "--log-every", 100, "--out-dir", "e") == 0
+    assert "more on this CPU; --preset cpu trains" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- cifar_dit_ddp.py
@@ -1182,9 +1182,8 @@ def test_celeba_damaged_jpeg_is_skipped_with_a_warning(tmp_path):
 
 
 def test_celeba_attribute_rows_toggles_and_tokens():
-    """--labels rows of attributes (named ones set, the others drawn with their frequency, the same
-    in every row), the toggle grid (one attribute flipped a row), and a flipped attribute changes
-    exactly its token; dropped rows (null tokens) ignore the attributes."""
+    """--labels attribute rows (others drawn by frequency, alike in every row), the toggle grid, a
+    flipped attribute changes exactly its token; dropped rows (null tokens) ignore attributes."""
     import celeba_crossattn as m
     meta = dict(m.META, classes=CELEBA_NAMES, freq=[0.9, 0.1] + [0.5] * 38)
     config = vars(m.get_args(["--toggle", "Eyeglasses,Young"]))
@@ -1325,9 +1324,8 @@ def tf_resize_by_loops(a, out_h, out_w):
 
 
 def test_fid_tf_mode_preprocessing():
-    """tf: TF1's legacy resize of the 0-255 values (not torch's half-pixel bilinear, but the same
-    for 299 -> 299), then (x - 128) / 128, up to 0.9921875; pytorch-fid: x / 255, half-pixel
-    bilinear, 2x - 1, as fid.py computed before the modes."""
+    """tf: TF1's legacy resize of 0-255 values, then (x - 128) / 128, up to 0.9921875; pytorch-fid:
+    x / 255, half-pixel bilinear, 2x - 1, as fid.py computed before the modes."""
     assert fid.legacy_resize(torch.tensor([[[[0.0, 1], [2, 3]]]]), (4, 4))[0, 0].tolist() == [
         [0, 0.5, 1, 1], [1, 1.5, 2, 2], [2, 2.5, 3, 3], [2, 2.5, 3, 3]]
     x = torch.tensor(np.random.default_rng(0).integers(0, 256, (1, 2, 5, 4)), dtype=torch.float64)
@@ -1367,9 +1365,8 @@ def test_fid_network_layout_and_pytorch_fid(fid_weights, monkeypatch):
 
 
 def test_fid_evaluate_caches_by_mode(fid_weights, tmp_path, monkeypatch):
-    """evaluate draws only the batches it needs; the .npz cache of the real statistics records n
-    and its mode, and is refused for another n or mode (or when it is cut short). The scripts name
-    it by cache_key: one changed pixel of one reference image, and it is another file."""
+    """evaluate draws only the batches it needs; the .npz cache records n and mode and is refused
+    for another n or mode, or cut short; cache_key names it anew for one changed pixel."""
     monkeypatch.setattr(fid, "frechet_distance", cheap_distance)
     drawn = []
 
@@ -1493,6 +1490,10 @@ def test_bench_mnist_quality_reads_the_grid_and_measures_distance(tmp_path):
     x = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8)
     m.save_grid(x.float() / 127.5 - 1, tmp_path / "g.png", 3)
     assert torch.equal(bench.read_grid(tmp_path / "g.png", 2, 3), x)
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)  # CIFAR-10's samples
+    m.save_grid(x.float() / 127.5 - 1, tmp_path / "c.png", 2)
+    assert torch.equal(bench.read_grid(tmp_path / "c.png", 2, 2, 32, 3), x)
+    assert bench.CifarClassifier()(x)[1].shape == (4, 256)
     f = torch.randn(500, 4, generator=torch.Generator().manual_seed(0)).double()
     assert bench.frechet(f, f) == pytest.approx(0, abs=1e-9)
     assert bench.frechet(f, f + 2) == pytest.approx(4 * 4, rel=1e-6)  # |mu1 - mu2|^2, same sigma
