@@ -4,8 +4,7 @@
     pytest test_smoke.py -m gpu     # only the GPU tests, on a machine with CUDA
 
 One table, SCRIPTS, says what differs between the five scripts; the tests of what every script
-promises run over it. Then the sampler math and the spine test, then a section per script, fid.py
-and bench.py.
+promises run over it. Then the spine and its math, a section per script, fid.py and bench.py.
 """
 import ast
 import errno
@@ -133,13 +132,11 @@ def make_image_folder(root, classes=("cat", "dog", "ship"), per_class=8, size=32
 
 @pytest.fixture(scope="session", autouse=True)
 def no_checksums():
-    """The generated CIFAR-10 and STL-10 files are not the real ones: torchvision's md5 checks
-    become "the files exist"."""
-    import torchvision.datasets as tvd
+    """Generated CIFAR-10 and STL-10 files: torchvision's md5 checks become "the files exist"."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("torchvision.datasets.cifar.check_integrity",
                    lambda path, md5=None: os.path.isfile(path))
-        mp.setattr(tvd.STL10, "_check_integrity", lambda self: True)
+        mp.setattr(torchvision.datasets.STL10, "_check_integrity", lambda self: True)
         yield
 
 
@@ -177,11 +174,11 @@ def run(script, *args):
     return 0
 
 
-def torchrun(script, nproc, *args):
+def torchrun(script, nproc, *args, **env):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", os.path.join(HERE, script + ".py"), *map(str, args)]
-    return subprocess.run(cmd, cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300,
-                          capture_output=True, text=True)
+    return subprocess.run(cmd, cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1", **env),
+                          timeout=300, capture_output=True, text=True)
 
 
 def assert_bad_input(capsys, script, *args):
@@ -262,26 +259,32 @@ def test_train_writes_its_files(trained):
     assert json.load(open(os.path.join(out, "config.json")))["iters"] == 4
 
 
-def test_resume_equals_a_straight_run(trained, tmp_path):
-    out = str(tmp_path / "straight")
+def test_resume_equals_a_straight_run_and_config_reruns_it(trained, tmp_path):
+    """--resume ends as a straight run does; --config: a new run with the saved settings (never
+    the saved --resume), the command line overriding them."""
+    out, again = str(tmp_path / "straight"), str(tmp_path / "again")
     assert run(trained.script, *trained.base, "--out-dir", out, "--iters", 4) == 0
     a, b = load(os.path.join(out, "ckpt.pt")), load(trained.ckpt)
     assert same_weights(a["model"], b["model"]) and same_weights(a["ema"], b["ema"])
     assert [r.get("loss") for r in read_log(out)] == [r.get("loss") for r in read_log(trained.out)]
+    config = os.path.join(trained.out, "config.json")
+    assert run(trained.script, "--config", config, "--out-dir", again, "--iters", 1) == 0
+    a, b = json.load(open(config)), json.load(open(os.path.join(again, "config.json")))
+    assert a["resume"] and not b["resume"]
+    assert {k for k in a if a[k] != b[k]} == {"out_dir", "iters", "config", "resume"}
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp"])
-def test_sample_with_each_sampler(trained, tmp_path, sampler):
+@pytest.mark.parametrize("sampler,steps", [("ddpm", 10), ("ddim", 3), ("dpmpp", 3)])
+def test_sample_with_each_sampler(trained, tmp_path, sampler, steps):
     s = trained.s
     assert run(trained.script, "--sample", "--ckpt", trained.ckpt, "--out-dir", tmp_path, "--gif",
                "--sampler", sampler, "--sample-steps", 3, "--cfg", 3, "--per-label", 2,
                "--device", "cpu", *s.args) == 0
     assert image_size(tmp_path / "samples.png") == grid_size(2, s.rows, s.size)
     with Image.open(tmp_path / "denoise.gif") as gif:  # a frame per step; ddpm walks all T=10
-        assert gif.n_frames == (10 if sampler == "ddpm" else 3)
+        assert gif.n_frames == steps
         assert gif.size == grid_size(2, s.rows, s.size)
-    steps = 10 if sampler == "ddpm" else 3  # path figures show at most 10 columns
-    assert image_size(tmp_path / "reverse.png") == grid_size(steps, s.rows, s.size)
+    assert image_size(tmp_path / "reverse.png") == grid_size(steps, s.rows, s.size)  # <= 10 columns
 
 
 def test_bad_input_is_one_line(trained, capsys, tmp_path):
@@ -299,31 +302,27 @@ def test_bad_input_is_one_line(trained, capsys, tmp_path):
     os.makedirs(tmp_path / "linked")
     os.symlink(tmp_path / "a_file", tmp_path / "linked" / "log.jsonl")  # a write would leave
     torch.save(dict(load(ckpt), predicts="x0"), tmp_path / "x0.pt")  # the script predicted x0
-    cases = [(["--steps", 0], "--steps"), ([*sample, "--cfg", -1], "--cfg"),
-             ([*sample, "--eta", 1.5], "--eta"), ([*train, "--lr", -1], "--lr"),
-             ([*train, "--warmup", -1], "--warmup"), ([*train, "--log-every", 0], "--log-every"),
-             ([*train, "--ckpt-every", 0], "--ckpt-every"), ([*train, "--depth", 0], "--depth"),
-             ([*train, "--width", 12], "--width"), ([*train, "--val-size", -1], "--val-size"),
-             ([*train, "--fid", 1], "--fid"), ([*train, "--dtype", "fp8"], "--dtype"),
-             ([*train, "--min-snr", 5, "--loss", "l1"], "--min-snr 5.0: must be 0 with --loss"),
-             ([*sample, "--cfg", "inf"], "--cfg inf"), ([*train, "--lr", "inf"], "--lr inf"),
-             ([*train, "--steps", 1, "--schedule", "linear"], "--steps 1: must be enough"),
-             ([*train, "--out-dir", tmp_path / "linked"], "symbolic link"),
-             ([*sample, "--labels", trained.s.bad_label], "--labels"),
-             (["--sample", "--ckpt", tmp_path / "x.pt"], "no checkpoint"),
-             (["--sample", "--ckpt", tmp_path / "junk.pt"], "not a readable checkpoint"),
-             (["--sample", "--ckpt", tmp_path / "other.pt"], f"not a checkpoint of {script}"),
-             ([*train, "--batch-size", 999], "--batch-size"),
-             ([*train, "--image-folder", tmp_path / "empty"], "--image-folder"),
-             ([*train, "--image-folder", tmp_path / "a_file"], "--image-folder"),
-             ([*train, "--out-dir", tmp_path / "a_file"], "--out-dir"),
-             ([*train, "--config", tmp_path / "bad.json"], "--config"),
-             ([*train, "--config", tmp_path / "other.json"], "--config"),
-             ([*sample, "--fid", 100000, "--data-dir", trained.data], "--fid 100000"),
-             ([*trained.base, "--resume", "--iters", 4], "already"),
-             ([*trained.base, "--resume", "--iters", 8, "--width", 64], "--width 64 is not"),
-             ([*trained.base, "--resume", "--iters", 8, "--config", tmp_path / "bad.json"],
-              "unset with --resume"), ([*sample, "--ckpt", tmp_path / "x0.pt"], "predicts x0")]
+    cases = [([*train, flag, value], flag) for flag, value in [  # each names its flag
+        ("--lr", -1), ("--warmup", -1), ("--log-every", 0), ("--ckpt-every", 0), ("--depth", 0),
+        ("--width", 12), ("--val-size", -1), ("--fid", 1), ("--dtype", "fp8"),
+        ("--batch-size", 999), ("--image-folder", tmp_path / "empty"),
+        ("--image-folder", tmp_path / "a_file"), ("--out-dir", tmp_path / "a_file"),
+        ("--config", tmp_path / "bad.json"), ("--config", tmp_path / "other.json")]]
+    cases += [(["--steps", 0], "--steps"), ([*sample, "--cfg", -1], "--cfg"),
+              ([*sample, "--eta", 1.5], "--eta"), ([*sample, "--cfg", "inf"], "--cfg inf"),
+              ([*train, "--min-snr", 5, "--loss", "l1"], "--min-snr 5.0: must be 0 with --loss"),
+              ([*train, "--lr", "inf"], "--lr inf"),
+              ([*train, "--steps", 1, "--schedule", "linear"], "--steps 1: must be enough"),
+              ([*train, "--out-dir", tmp_path / "linked"], "symbolic link"),
+              ([*sample, "--labels", trained.s.bad_label], "--labels"),
+              (["--sample", "--ckpt", tmp_path / "x.pt"], "no checkpoint"),
+              (["--sample", "--ckpt", tmp_path / "junk.pt"], "not a readable checkpoint"),
+              (["--sample", "--ckpt", tmp_path / "other.pt"], f"not a checkpoint of {script}"),
+              ([*sample, "--fid", 100000, "--data-dir", trained.data], "--fid 100000"),
+              ([*trained.base, "--resume", "--iters", 4], "already"),
+              ([*trained.base, "--resume", "--iters", 8, "--width", 64], "--width 64 is not"),
+              ([*trained.base, "--resume", "--iters", 8, "--config", tmp_path / "bad.json"],
+               "unset with --resume"), ([*sample, "--ckpt", tmp_path / "x0.pt"], "predicts x0")]
     if not torch.cuda.is_available():
         cases.append(([*sample, "--device", "cuda"], "--device cuda"))
     with pytest.raises(SystemExit):  # --help speaks of this script's model only
@@ -371,22 +370,20 @@ def test_torchrun_with_two_ranks(script, tmp_path):
 def test_fid_writes_fid_json(trained, tmp_path, monkeypatch):
     """--fid from a checkpoint written before --size and --min-snr existed: settings newer than
     the checkpoint come from the command line."""
-    real, ckpt = fid.inception_v3, tmp_path / "older.pt"
+    real, ckpt, s = fid.inception_v3, tmp_path / "older.pt", trained.s
     monkeypatch.setattr(fid, "inception_v3", lambda weights="download": real(None))  # offline
     ck = load(trained.ckpt)
     for key in ("size", "min_snr"):
         ck["config"].pop(key, None)
     torch.save(ck, ckpt)
     assert run(trained.script, "--sample", "--ckpt", ckpt, "--out-dir", tmp_path, "--fid", 10,
-               "--data-dir", trained.data, "--sample-steps", 2, "--device", "cpu",
-               *trained.s.args) == 0
+               "--data-dir", trained.data, "--sample-steps", 2, "--device", "cpu", *s.args) == 0
     res = json.load(open(tmp_path / "fid.json"))
     assert res["num_samples"] == 10 and res["fid_score"] > 0 and res["inception_score_mean"] >= 1
     assert res["checkpoint"] == str(ckpt) and res["step"] == 4 and res["reference"]
     sampler = importlib.import_module(trained.script).DEFAULTS["sampler"]
     assert res["sampler"] == sampler and res["steps"] == 2 and "mode" in res
-    size = trained.s.size
-    assert image_size(tmp_path / "real_vs_fake.png") == grid_size(10, 2, size)  # real row, fake row
+    assert image_size(tmp_path / "real_vs_fake.png") == grid_size(10, 2, s.size)  # real, fake rows
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -397,10 +394,8 @@ def test_image_folder_sees_every_class(script, tmp_path, capsys):
     folder, out = make_image_folder(str(tmp_path / "imgs")), str(tmp_path / "out")
     args = [*base_args(script, ""), "--image-folder", folder, "--out-dir", out]
     assert run(script, *args, "--iters", 1, "--limit", 6, "--warmup", 0) == 0  # warm-up 0 trains
-    ck = load(os.path.join(out, "ckpt.pt"))
-    assert ck["meta"]["classes"] == ["cat", "dog", "ship"]
-    size = SCRIPTS[script].size
-    assert image_size(os.path.join(out, "samples_1.png")) == grid_size(2, 4, size)
+    assert load(os.path.join(out, "ckpt.pt"))["meta"]["classes"] == ["cat", "dog", "ship"]
+    assert image_size(os.path.join(out, "samples_1.png")) == grid_size(2, 4, SCRIPTS[script].size)
     data, _ = m.get_data(vars(m.get_args(args)))
     first, _ = m.split_data(data, 6, 0)
     cond = first[torch.arange(6)][1]
@@ -408,18 +403,6 @@ def test_image_folder_sees_every_class(script, tmp_path, capsys):
     with open(os.path.join(folder, "dog", "0.png"), "wb") as f:  # a damaged image: named, at start
         f.write(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
     assert "0.png" in assert_bad_input(capsys, script, *args, "--iters", 1, "--overwrite")
-
-
-def test_config_reruns_a_run(trained, tmp_path):
-    """--config: a new run with the saved settings (never the saved --resume), the command line
-    overriding them."""
-    out = str(tmp_path / "again")
-    assert run(trained.script, "--config", os.path.join(trained.out, "config.json"),
-               "--out-dir", out, "--iters", 1) == 0
-    a = json.load(open(os.path.join(trained.out, "config.json")))
-    b = json.load(open(os.path.join(out, "config.json")))
-    assert a["resume"] and not b["resume"]
-    assert {k for k in a if a[k] != b[k]} == {"out_dir", "iters", "config", "resume"}
 
 
 # ------------------------------------------------------------------------ the spine and its math
@@ -834,30 +817,35 @@ def test_gpu_compile_and_two_gpus(data_dir, tmp_path):
 
 # ----------------------------------------------------------------------------- mnist_ddpm.py
 
-class FakeClip(torch.nn.Module):
-    """Stands in for open_clip's ViT-B/32 (no weights here): small maps of images and of tokens."""
-
-    def __init__(self):
-        super().__init__()
-        self.image, self.text = torch.nn.Linear(3, 512), torch.nn.Embedding(64, 512)
-
-    def encode_image(self, x):
-        return self.image(x.mean(dim=(2, 3)))
-
-    def encode_text(self, tokens):
-        return self.text(tokens).mean(1)
+FAKE_OPEN_CLIP = """\
+import os, torch
+def create_model_and_transforms(name, pretrained):
+    with open(os.path.join(os.path.dirname(__file__), "calls"), "a") as f:
+        f.write(f"{name} {pretrained} {os.environ.get('RANK', 0)}\\n")
+    torch.manual_seed(0)
+    m = torch.nn.Module()
+    m.image, m.text = torch.nn.Linear(3, 512), torch.nn.Embedding(64, 512)
+    m.encode_image = lambda x: m.image(x.mean(dim=(2, 3)))
+    m.encode_text = lambda tokens: m.text(tokens).mean(1)
+    return m, None, None
+def get_tokenizer(name):
+    return lambda prompts: torch.tensor([[ord(c) % 64 for c in f"{p:8}"[:8]] for p in prompts])
+"""
 
 
 @pytest.fixture
-def fake_open_clip(monkeypatch):
-    """An `open_clip` with the calls the scripts make; returns the models they asked for."""
-    calls, mod = [], type(sys)("open_clip")
-    mod.create_model_and_transforms = lambda name, pretrained: calls.append(
-        (name, pretrained)) or (FakeClip(), None, None)
-    mod.get_tokenizer = lambda name: lambda prompts: torch.tensor(
-        [[ord(c) % 64 for c in f"{p:8}"[:8]] for p in prompts])
+def fake_open_clip(tmp_path, monkeypatch):
+    """A stand-in for open_clip's ViT-B/32 (no weights here: small maps of images and of tokens),
+    imported here and in tmp_path/fake for other processes; returns the file it notes each model
+    made in: "<name> <pretrained> <RANK>"."""
+    path = tmp_path / "fake" / "open_clip.py"
+    path.parent.mkdir()
+    path.write_text(FAKE_OPEN_CLIP)
+    mod = type(sys)("open_clip")
+    mod.__file__ = str(path)
+    exec(FAKE_OPEN_CLIP, vars(mod))
     monkeypatch.setitem(sys.modules, "open_clip", mod)
-    return calls
+    return path.parent / "calls"
 
 
 def test_mnist_clip_guidance_steers_toward_the_prompt(data_dir, tmp_path, fake_open_clip):
@@ -876,7 +864,7 @@ def test_mnist_clip_guidance_steers_toward_the_prompt(data_dir, tmp_path, fake_o
                "--iters", 1) == 0
     assert run("mnist_ddpm", "--sample", "--out-dir", out, "--clip-prompt", "two",
                "--per-label", 3, "--sample-steps", 2, "--device", "cpu") == 0
-    assert fake_open_clip == [("ViT-B-32", "openai")]  # the seed's CLIP
+    assert fake_open_clip.read_text() == "ViT-B-32 openai 0\n"  # the seed's CLIP, once
     assert image_size(os.path.join(out, "clip_two.png")) == grid_size(3, 2, 28)  # plain, steered
 
 
@@ -1119,31 +1107,15 @@ def test_stl_card_command_without_open_clip(data_dir, tmp_path, capsys, monkeypa
                "--sample-steps", 2, "--device", "cpu") == 0
 
 
-def test_stl_clip_table_computed_once_per_machine(tmp_path):
+def test_stl_clip_table_computed_once_per_machine(tmp_path, fake_open_clip):
     """Two ranks, a stand-in open_clip: local rank 0 computes and caches the table, rank 1 reads
     it after the barrier (it used to compute it too, into the same .tmp file)."""
     folder, out = make_image_folder(str(tmp_path / "imgs")), tmp_path / "out"
-    (tmp_path / "fake").mkdir()
-    (tmp_path / "fake" / "open_clip.py").write_text(textwrap.dedent(f"""\
-        import os, torch
-        def create_model_and_transforms(name, pretrained):
-            open({str(tmp_path / "calls")!r}, "a").write(os.environ["RANK"] + "\\n")
-            torch.manual_seed(0)
-            m = torch.nn.Module()
-            m.emb = torch.nn.Embedding(64, 512)
-            m.encode_text = lambda tokens: m.emb(tokens).mean(1)
-            return m, None, None
-        def get_tokenizer(name):
-            return lambda ps: torch.tensor([[ord(c) % 64 for c in f"{{p:8}}"[:8]] for p in ps])
-        """))
     args = ["--image-folder", folder, "--out-dir", out, *TINY, "--batch-size", 2, "--iters", 1,
             "--diag-every", 0, "--size", 32]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc_per_node=2", os.path.join(HERE, "stl10_vpred_clip.py"),
-                        *map(str, args)], capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, PYTHONPATH=str(tmp_path / "fake")))
+    r = torchrun("stl10_vpred_clip", 2, *args, PYTHONPATH=str(tmp_path / "fake"))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert (tmp_path / "calls").read_text() == "0\n"
+    assert fake_open_clip.read_text() == "ViT-B-32 openai 0\n"
     assert load(out / "ckpt.pt")["meta"]["text_emb"].shape == (4, 512)
 
 
@@ -1220,11 +1192,10 @@ def test_celeba_real_faces_hq_layout_and_bad_files(tmp_path, capsys):
         x, c = data[torch.tensor([0])]
         assert len(data) == 24 and meta["classes"][31] == "Smiling" and x.shape == (1, 3, 64, 64)
         assert c[0].tolist() == [float(v == "1") for v in rows[1][1:]] and x.float().std() > 20
-    hq = tmp_path / "hq"  # CelebA-HQ: other names, the same attribute format
-    make_celeba(str(hq), n=10)
-    data, meta = m.get_data(vars(m.get_args(["--image-dir", str(hq / "celeba" / "img_align_celeba"),
-                                             "--attr-file", str(hq / "celeba" /
-                                                                "list_attr_celeba.txt"),
+    hq = tmp_path / "hq" / "celeba"  # CelebA-HQ: other names, the same attribute format
+    make_celeba(str(hq.parent), n=10)
+    data, meta = m.get_data(vars(m.get_args(["--image-dir", str(hq / "img_align_celeba"),
+                                             "--attr-file", str(hq / "list_attr_celeba.txt"),
                                              "--size", "48"])))
     assert len(data) == 10 and data[torch.tensor([9])][0].shape == (1, 3, 48, 48)
     bad = str(tmp_path / "bad")
@@ -1242,12 +1213,11 @@ def test_celeba_real_faces_hq_layout_and_bad_files(tmp_path, capsys):
     assert "--toggle" in assert_bad_input(capsys, "celeba_crossattn", *train, "--toggle", "Beard")
 
 
-@pytest.mark.parametrize("dataset,size,make", [("cifar10", 32, make_cifar), ("mnist", 28,
-                                                                                make_mnist)])
-def test_celeba_model_on_cifar10_and_mnist(dataset, size, make, tmp_path):
+@pytest.mark.parametrize("dataset,script", [("cifar10", "cifar_cfg_unet"), ("mnist", "mnist_ddpm")])
+def test_celeba_model_on_cifar10_and_mnist(dataset, script, data_dir, tmp_path):
     """The seed's other data sets: one-hot class tokens; MNIST at its odd 28 px, one channel."""
-    out = tmp_path / "out"
-    assert run("celeba_crossattn", *base_args("celeba_crossattn", make(str(tmp_path / "data"))),
+    out, size = tmp_path / "out", SCRIPTS[script].size  # CIFAR-10 32 px, MNIST 28
+    assert run("celeba_crossattn", *base_args("celeba_crossattn", data_dir(script)),
                "--dataset", dataset, "--size", size, "--out-dir", out, "--iters", 1) == 0
     meta = load(out / "ckpt.pt")["meta"]
     assert meta["kind"] == "classes" and meta["channels"] == 3 - 2 * (dataset == "mnist")
@@ -1430,9 +1400,8 @@ def test_fid_distributed_equals_one_process(fid_weights, tmp_path, monkeypatch):
                           weights=fid_weights)
     # equal up to float32 rounding: the features' last bits vary with batch size, threads and the
     # CPU's kernels (1.6e-6 apart with AVX2 kernels); a statistic summed wrongly is far off
-    assert single["fid"] == pytest.approx(ranks[0][0]["fid"], rel=1e-4)
-    assert single["inception_score_mean"] == pytest.approx(ranks[0][0]["inception_score_mean"],
-                                                          rel=1e-4)
+    for key in ("fid", "inception_score_mean"):
+        assert single[key] == pytest.approx(ranks[0][0][key], rel=1e-4), key
 
 
 def test_fid_command_line(fid_weights, tmp_path, capsys):
