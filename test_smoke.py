@@ -1466,3 +1466,25 @@ def test_bench_mnist_quality_reads_the_grid_and_measures_distance(tmp_path):
     f = torch.randn(500, 4, generator=torch.Generator().manual_seed(0)).double()
     assert bench.frechet(f, f) == pytest.approx(0, abs=1e-9)
     assert bench.frechet(f, f + 2) == pytest.approx(4 * 4, rel=1e-6)  # |mu1 - mu2|^2, same sigma
+
+
+def test_bench_quality_runs_the_command_on_tiny_settings(data_dir, tmp_path, monkeypatch, capsys):
+    """--mnist-quality end to end, tiny, trained by torchrun: a run per training seed (other
+    weights), each scored by every classifier, the headline the lowest agreement and the worst
+    ratio; --resample only samples the runs again."""
+    import bench
+    monkeypatch.chdir(tmp_path)
+    args = ["--mnist-quality", "--data-dir", data_dir("mnist_ddpm"), "--seeds", "0,1", "--nproc",
+            "2", "--flags", "--iters 2 --width 8 --batch-size 4 --sample-steps 2"]
+    for again in ([], ["--resample"]):
+        bench.main(args + again)
+        rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert [r["seed"] for r in rows] == [0, 1]
+        for r in rows:
+            scores = r["classifiers"].values()
+            assert list(r["classifiers"]) == ["cnn", "mlp", "cnn16"] and r["sample_s"] > 0
+            assert (r["train_s"] is None) == bool(again) and r["images_seen"] == 2 * 4 * 2
+            assert r["worst_ratio"] == max(s["fd_samples"] / s["fd_real_1000"] for s in scores)
+            assert r["agreement"] == min(s["agreement"] for s in scores)
+    ckpts = [load(f"out/mnist_ddpm_quality_seed{s}/ckpt.pt") for s in (0, 1)]
+    assert not same_weights(ckpts[0]["model"], ckpts[1]["model"])
