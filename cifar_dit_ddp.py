@@ -2,6 +2,7 @@
 with classifier-free guidance, on one device or many with torchrun, then sample and evaluate it.
 
     python cifar_dit_ddp.py                             # train; CIFAR-10 is downloaded into ./data
+    python cifar_dit_ddp.py --preset cpu                # a laptop CPU: 4,000 steps, 30 minutes
     torchrun --nproc_per_node=4 cifar_dit_ddp.py        # 4 GPUs: global batch 4 x --batch-size
     torchrun --nnodes=2 --nproc_per_node=4 --node-rank=0 --rdzv-backend=c10d \\
         --rdzv-endpoint=HOST:29500 cifar_dit_ddp.py     # two machines (node-rank 1 on the other)
@@ -49,8 +50,15 @@ DEFAULTS = dict(  # this script's values of the flags whose defaults differ betw
     val_size=1000, workers=0, log_every=50, sample_every=5000, ckpt_every=1000, cfg=2.0,
     # iters: the seed's 40 epochs of 1,562 steps
     per_label=10, sampler="ddim", sample_steps=50, eta=0.0)
-PRESETS = {}  # --preset NAME: other defaults (none in this script)
+PRESETS = dict(  # --preset NAME: other defaults (the command line and --config still win)
+    gpu={}, cpu=dict(width=192, depth=8, heads=6, kv_heads=2, schedule="cosine", min_snr=5.0,
+                     iters=4000, batch_size=32, lr=1e-3, lr_decay="cosine", warmup=100, ema=0.999,
+                     val_size=0, sample_every=4000, ckpt_every=500, cfg=3.0, sampler="dpmpp",
+                     sample_steps=10))  # 64 tokens of 4x4 pixels, 3 query heads to a K/V head
 OWN_FLAGS = [  # this script's flags beyond the collection's: (flag, argparse keywords)
+    ("--preset", dict(choices=sorted(PRESETS), default="gpu",
+                      help="gpu: the seed's recipe (days on a CPU); cpu: a 5M-parameter DiT, "
+                           "4,000 steps of 32 (about 30 minutes on 2 CPU cores)")),
     ("--heads", dict(type=int, default=8, help="query heads of the attention")),
     ("--kv-heads", dict(type=int, default=2, help="key/value heads (GQA; = --heads: plain MHA)")),
     ("--patch", dict(type=int, default=4, help="patch size in pixels (4: 8x8 = 64 tokens)")),
@@ -1214,11 +1222,23 @@ def main(argv=None):
 
 # ----------------------------------------------------------------------------- seed 002's extras
 
+def seed_train(run, step):
+    """On a CPU without --preset cpu, after 10 steps, how long the run will take; when training
+    ends, the seed's figures."""
+    if not hasattr(run, "started"):
+        run.started = step, time.time()
+    elif step == run.started[0] + 10 and run.device.type == "cpu" and run.config["preset"] != "cpu":
+        left = (time.time() - run.started[1]) / 10 * (run.total - step)
+        when = f"{left / 3600:.1f} hours" if left > 3600 else f"{left / 60:.0f} minutes"
+        tqdm.write(f"note: at this speed the run takes {when} more on this CPU; --preset cpu "
+                   f"trains a smaller model in about 30 minutes")
+    if step == run.total:
+        seed_figures(run, step)
+
+
 def seed_figures(run, step):
-    """The seed's figures when training ends: sample_grid.png (the last grid's class rows, without
-    the unconditional one), timestep_grid.png (its name for reverse.png) and training_loss.png."""
-    if step != run.total:
-        return
+    """The seed's figures: sample_grid.png (the last grid's class rows, without the unconditional
+    one), timestep_grid.png (its name for reverse.png) and training_loss.png."""
     out = run.config["out_dir"]
     rows = 1 if run.config["uncond"] else len(run.meta["classes"])
     with Image.open(os.path.join(out, f"samples_{step}.png")) as im:  # save_grid pads by 1 pixel
@@ -1263,7 +1283,7 @@ EXTRAS.update(
                "--num-steps": "--steps", "--learning-rate": "--lr", "--guidance-scale": "--cfg",
                "--checkpoint": "--ckpt", "--num-samples": "--fid", "--eval": "--sample",
                "--calculate-fid": None, "--calculate-is": None, "--is": None},
-    train=seed_figures)
+    train=seed_train)
 
 
 if __name__ == "__main__":

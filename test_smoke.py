@@ -354,9 +354,10 @@ def test_torchrun_with_two_ranks(script, tmp_path):
         m.train = train_and_keep
         m.main(sys.argv[1:])
         """))
+    preset = ["--preset", "cpu", "--width", 48] if script == "cifar_dit_ddp" else []  # 6 heads
     r = torchrun(str(tmp_path / "ranks"), 2, "--image-folder", folder, "--out-dir", out, *TINY,
-                 *SCRIPTS[script].args, "--iters", 2, "--batch-size", 2, "--accum", 2,
-                 "--sample-every", 100)
+                 *SCRIPTS[script].args, *preset, "--iters", 2, "--batch-size", 2, "--accum", 2,
+                 "--sample-every", 100)  # the DiT: its CPU command, tiny
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("global batch 8") == 1  # 2 images x 2 micro-batches x 2 ranks
     ck = load(out / "ckpt.pt")
@@ -891,7 +892,11 @@ def test_mnist_patch_unet_keeps_28_pixels_and_refuses_uneven_levels(data_dir, tm
     ("cifar_cfg_unet", "cpu", "--patch 2 --width 64 --depth 1 --mults 1,2,2 --attn-res 8 "
      "--dropout 0 --iters 4000 --batch-size 32 --lr 1e-3 --lr-decay cosine --warmup 100 --ema "
      "0.999 --min-snr 5 --val-size 0 --log-every 50 --sample-every 4000 --ckpt-every 500 "
-     "--sampler dpmpp --sample-steps 10")])
+     "--sampler dpmpp --sample-steps 10"),
+    ("cifar_dit_ddp", "cpu", "--width 192 --depth 8 --heads 6 --kv-heads 2 --schedule cosine "
+     "--min-snr 5 --iters 4000 --batch-size 32 --lr 1e-3 --lr-decay cosine --warmup 100 --ema "
+     "0.999 --val-size 0 --sample-every 4000 --ckpt-every 500 --cfg 3 --sampler dpmpp "
+     "--sample-steps 10")])
 def test_preset_is_the_spelled_out_command(script, preset, spelled, tmp_path, capsys):
     """--preset is the README's command in one flag; the command line and a --config run win over
     it; an unknown preset is a one-line error."""
@@ -1013,15 +1018,18 @@ def test_dit_conditioning_token_or_adaln(token):
         assert torch.allclose(model(x, t, y, ~keep), model(x, t, torch.tensor([3, 3]), keep))
 
 
-def test_dit_seed_spellings_figures_and_best_checkpoint(data_dir, tmp_path, monkeypatch):
+def test_dit_seed_spellings_figures_and_best_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
+    """The seed's commands; without --preset cpu, a CPU run says how long it takes."""
     out, real = tmp_path / "run", fid.inception_v3
     data = data_dir("cifar_dit_ddp")
     assert run("cifar_dit_ddp", *base_args("cifar_dit_ddp", data), "--out-dir", out,
                "--cond-token", "--hidden-dim", 32, "--num-heads", 4, "--num-epochs", 1,
-               "--batch-size", 8, "--learning-rate", 2e-3, "--ckpt-every", 3) == 0
+               "--batch-size", 4, "--learning-rate", 2e-3, "--ckpt-every", 3) == 0
+    assert "more on this CPU; --preset cpu trains" in capsys.readouterr().out
     ck, best = load(out / "ckpt.pt"), load(out / "best.pt")
     val = [r for r in read_log(out) if "val_loss" in r]
-    assert [r["step"] for r in val] == [3, 6, 9] and ck["model"]["pos"].shape == (1, 65, 32)
+    assert [r["step"] for r in val] == list(range(3, 19, 3))  # 72 images, 18 steps of 4
+    assert ck["model"]["pos"].shape == (1, 65, 32)
     assert ck["best_val"] == best["best_val"] == min(r["val_loss"] for r in val)
     assert image_size(out / "sample_grid.png") == grid_size(2, 10, 32)  # the class rows
     assert (out / "timestep_grid.png").read_bytes() == (out / "reverse.png").read_bytes()
