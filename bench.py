@@ -368,16 +368,14 @@ def run_script(bench, name, seed):
     return out, seconds
 
 
-def score(nets, samples, test, real):
-    """Each classifier's agreement with the intended classes (100 of each in turn), the Frechet
-    distance of its features of the samples to those of the test images, and the floor: that of
-    1,000 real training images."""
+def score(nets, samples):
+    """Each classifier's agreement with the intended classes (100 of each in turn) and the Frechet
+    distance of its features of the samples to those of the test images."""
     scores = {}
-    for label, net, accuracy in nets:
-        (labels, f_fake), f_test = classify(net, samples), classify(net, test)[1]
+    for label, net, accuracy, f_test, floor in nets:
+        labels, f_fake = classify(net, samples)
         scores[label] = dict(
-            test_accuracy=accuracy, fd_samples=frechet(f_fake, f_test),
-            fd_real_1000=frechet(classify(net, real)[1], f_test),
+            test_accuracy=accuracy, fd_samples=frechet(f_fake, f_test), fd_real_1000=floor,
             agreement=(labels == torch.arange(10).repeat_interleave(100)).float().mean().item())
     return scores
 
@@ -387,19 +385,20 @@ def quality(bench, name):
     samples scored by every classifier of the data set. The headline: the lowest agreement and the
     highest distance / floor."""
     data, _, classifiers = QUALITY[DATA[name]]
-    nets = []
+    (xt, _), (xr, _) = data(bench, False), data(bench, True)
+    real = xr[torch.randperm(len(xr), generator=torch.Generator().manual_seed(0))[:1000]]
+    nets = []  # each with its features of the test images and its floor: 1,000 real images'
     for label, make, seed, goal in classifiers:
         net, accuracy = classifier(bench, DATA[name], label, make, seed)
         if accuracy < goal:
             print(f"warning: classifier {label} reaches {accuracy:.2%} on the test set, under "
                   f"{goal:.0%}; delete out/*_classifier.pt to train it again", file=sys.stderr)
-        nets.append((label, net, accuracy))
-    (xt, _), (xr, _) = data(bench, False), data(bench, True)
-    real = xr[torch.randperm(len(xr), generator=torch.Generator().manual_seed(0))[:1000]]
+        f_test = classify(net, xt)[1]
+        nets.append((label, net, accuracy, f_test, frechet(classify(net, real)[1], f_test)))
     for seed in [int(s) for s in bench.seeds.split(",")]:
         out, seconds = run_script(bench, name, seed)
         samples = read_grid(os.path.join(out, "samples.png"), 10, 100, xt.shape[-1], xt.shape[1])
-        scores = score(nets, samples, xt, real)
+        scores = score(nets, samples)
         config, ckpt = (json.load(open(os.path.join(out, "config.json"))),
                         torch.load(os.path.join(out, "ckpt.pt"), weights_only=False))
         row = dict(script=name, flags=bench.flags, seed=seed, resampled=bench.resample,
