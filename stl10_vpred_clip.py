@@ -275,9 +275,8 @@ def text_embeddings(config, classes):
         if emb is not None:
             return dict(text_emb=emb, context_dim=emb.shape[1])
         if int(os.environ.get("RANK", 0)) == 0:  # stdout: stderr has only errors
-            print("note: open_clip is not installed: training learned label embeddings instead of "
-                  "CLIP text embeddings (for CLIP: pip install open_clip_torch, or pass --text-emb "
-                  "FILE)")
+            print("note: open_clip is not installed: training learned label embeddings instead "
+                  "of CLIP's (for CLIP: pip install open_clip_torch, or pass --text-emb FILE)")
         config["cond"] = "learned"
     return dict(text_emb=None, context_dim=4 * config["width"])
 
@@ -612,16 +611,20 @@ def eval_loss(model, data, alphas_cumprod, config, dtype, batch_size=250):
 
 # ----------------------------------------------------------------------------- sampling
 
-def cfg_denoiser(model, cond, drop, w):
+def cfg_denoiser(model, cond, drop, w, rows=100):
     """Guided prediction pred_u + w * (pred_c - pred_u) (w=0 unconditional, w=1 conditional), both
-    halves in one doubled batch; rows with drop stay unconditional."""
+    halves in one doubled batch; rows with drop stay unconditional. A CPU takes `rows` at a time."""
+    def net(*inputs):  # one batch of 2,000 rows outgrows a CPU's caches: 12.6 s vs 8.2 s by 100
+        size = rows if inputs[0].device.type == "cpu" else len(inputs[0])
+        return torch.cat([model(*part) for part in zip(*(v.split(size) for v in inputs))]).float()
+
     if w in (0, 1) or drop.all():  # one half is enough
         d = torch.ones_like(drop) if w == 0 else drop
-        return lambda x, t: model(x, t, cond, d).float()
+        return lambda x, t: net(x, t, cond, d)
 
     def pred_fn(x, t):
-        pred_c, pred_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, cond]),
-                               torch.cat([drop, torch.ones_like(drop)])).float().chunk(2)
+        pred_c, pred_u = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, cond]),
+                             torch.cat([drop, torch.ones_like(drop)])).chunk(2)
         return pred_u + w * (pred_c - pred_u)
     return pred_fn
 
@@ -734,15 +737,12 @@ def label_conds(labels, per_label, meta, uncond):
     words = [w.strip() for text in labels for w in text.split(",") if w.strip()]
     if uncond or words == ["all"]:
         words = ["uncond"] if uncond else classes + ["uncond"]
-    rows = []
+    names, rows = classes + ["uncond"], []
     for w in words:
-        if w in classes:
-            rows.append(classes.index(w))
-        elif w == "uncond" or (w.isdigit() and int(w) <= len(classes)):
-            rows.append(len(classes) if w == "uncond" else int(w))
-        else:
+        if w not in names and not (w.isdigit() and int(w) <= len(classes)):
             die(f"--labels: unknown class {w!r} (use {', '.join(classes)}, 0-{len(classes)}, "
                 f"uncond or all)")
+        rows.append(names.index(w) if w in names else int(w))
     y = torch.tensor(rows).repeat_interleave(per_label)
     return y.clamp(max=len(classes) - 1), y == len(classes), per_label
 

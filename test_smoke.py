@@ -506,8 +506,9 @@ def test_schedules_stay_in_range(T):
 
 
 def test_denoiser_guides_and_clips():
-    """Guidance is eps_u + w (eps_c - eps_u) in one doubled batch (dropped rows unconditional),
-    and the implied clean image is clipped: near t = T an eps error grows by 1/sqrt(abar)."""
+    """Guidance is eps_u + w (eps_c - eps_u) in one doubled batch (dropped rows unconditional) that
+    a CPU takes `rows` at a time (a bigger batch outgrows its caches), and the implied clean image
+    is clipped: near t = T an eps error grows by 1/sqrt(abar)."""
     import mnist_ddpm as m
     calls = []
 
@@ -515,8 +516,8 @@ def test_denoiser_guides_and_clips():
         calls.append(drop.tolist())
         return torch.ones_like(x) * drop.view(-1, 1, 1, 1)
     y, drop = torch.tensor([3, 7]), torch.tensor([False, True])
-    pred = m.cfg_denoiser(model, y, drop, 6.0)(torch.zeros(2, 1, 2, 2), torch.zeros(2).long())
-    assert calls == [[False, True, True, True]]
+    pred = m.cfg_denoiser(model, y, drop, 6.0, rows=3)(torch.zeros(2, 1, 2, 2), torch.zeros(2))
+    assert calls == [[False, True, True], [True]]
     assert torch.equal(pred[:, 0, 0, 0], torch.tensor([1 - 6.0, 1.0]))
     ab = m.make_alphas_cumprod("cosine", 1000, "cpu")
     exact = gaussian_eps(0.0, 0.3, ab)
