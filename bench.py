@@ -179,6 +179,7 @@ class DigitClassifier(nn.Module):
     """A small CNN (99.25 % on MNIST's test set after 4 epochs at width 32): conv-conv-pool-
     conv-pool, then a 256-d feature layer, whose statistics the Frechet distance compares, and the
     10 logits."""
+    epochs, distort = 4, False  # fit_digits' recipe
 
     def __init__(self, w=32):
         super().__init__()
@@ -195,7 +196,10 @@ class DigitClassifier(nn.Module):
 
 class DigitMLP(DigitClassifier):
     """No convolutions: the 784 pixels through two hidden layers, the second the 256-d features. It
-    sees strokes otherwise than a CNN does, so their distances disagree where samples are off."""
+    sees strokes otherwise than a CNN does, so their distances disagree where samples are off. It
+    learns no shift of a stroke it has not seen: 40 epochs of distorted digits take it from 97.2 %
+    to 99.0 % (4 plain epochs), as Simard et al. (2003) found."""
+    epochs, distort = 40, True
 
     def __init__(self):
         super().__init__()
@@ -216,15 +220,27 @@ def classify(net, images):
     return torch.cat([o[0] for o in out]).argmax(1), torch.cat([o[1] for o in out]).double()
 
 
+def distorted(x, g):
+    """uint8 digits [B, 1, 28, 28], each turned by up to 10 degrees, scaled by 0.9-1.1 and shifted
+    by up to 2 pixels: an affine map of the sampling grid, bilinear."""
+    turn, scale = (torch.rand(2, len(x), generator=g) * 2 - 1) * torch.tensor([[0.175], [0.1]])
+    cos, sin = turn.cos() / (1 + scale), turn.sin() / (1 + scale)
+    shift = (torch.rand(2, len(x), generator=g) * 2 - 1) / 7  # 2 of 14 pixels from the centre
+    theta = torch.stack([cos, -sin, shift[0], sin, cos, shift[1]], 1).view(-1, 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x.float(), grid, align_corners=False).round().to(torch.uint8)
+
+
 def fit_digits(net, x, y, seed):
-    """4 epochs of Adam, 1-4 CPU minutes (on the test set: 99.25 % for the CNN, 97.2 % for the
-    MLP)."""
+    """net.epochs of Adam (distorted digits if net.distort), 1-4 CPU minutes (on the test set:
+    99.25 % for the CNN, 99.0 % for the MLP)."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(net.parameters())
-    for epoch in range(4):
-        opt.param_groups[0]["lr"] = 1e-3 / 3 ** epoch  # the last epochs settle: 99 % or more
+    for epoch in range(net.epochs):
+        opt.param_groups[0]["lr"] = 1e-3 / 3 ** (4 * epoch // net.epochs)  # settles: 99 % or more
         for idx in torch.randperm(len(x), generator=g).split(128):
-            loss = F.cross_entropy(net(x[idx])[0], y[idx])
+            xb = distorted(x[idx], g) if net.distort else x[idx]
+            loss = F.cross_entropy(net(xb)[0], y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -302,7 +318,7 @@ def fit_cifar(net, x, y, seed, epochs=6):
 
 QUALITY = dict(  # a data set -> how to read it, how its classifiers learn, and the classifiers:
     # (name, class, seed, the test accuracy it reaches)
-    mnist=(mnist, fit_digits, [("cnn", DigitClassifier, 0, 0.99), ("mlp", DigitMLP, 1, 0.97),
+    mnist=(mnist, fit_digits, [("cnn", DigitClassifier, 0, 0.99), ("mlp", DigitMLP, 1, 0.985),
                                ("cnn16", functools.partial(DigitClassifier, 16), 2, 0.98)]),
     cifar=(cifar, fit_cifar, [("resnet", CifarClassifier, 0, 0.85)]))
 
