@@ -889,7 +889,7 @@ def test_mnist_patch_unet_keeps_28_pixels_and_refuses_uneven_levels(data_dir, tm
 
 @pytest.mark.parametrize("script,preset,spelled", [
     ("mnist_ddpm", "gpu", "--patch 1 --mults 1,2,2 --depth 2 --batch-size 64 --iters 5000 "
-     "--lr 3e-3 --min-snr 0 --cfg 1.9"),
+     "--lr 3e-3 --min-snr 0 --cfg 1.9 --sampler dpmpp --sample-steps 10 --eta 0"),
     ("cifar_cfg_unet", "cpu", "--patch 2 --width 64 --depth 1 --mults 1,2,2 --attn-res 8 "
      "--dropout 0 --iters 4000 --batch-size 32 --lr 1e-3 --lr-decay cosine --warmup 100 --ema "
      "0.999 --min-snr 5 --val-size 0 --log-every 50 --sample-every 4000 --ckpt-every 500 "
